@@ -1,0 +1,88 @@
+"""The copier: copies, in the background, the clusters the sync mode selects.
+
+Runs in the same trio loop as the FUSE handlers; the I/O itself runs in worker
+threads so that the loop keeps serving the guest. Claims at most a batch at a
+time, so a guest write waits for at most one batch. Never marks clusters done
+itself: the job does, after the copy.
+"""
+
+import logging
+
+import trio
+from bitarray import bitarray
+
+from .job import Job
+from .ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+WORKERS = 2
+"""Two copies in flight keep the source's reads and the target's writes overlapping;
+more only contend for the GIL and the page cache on these 2-core machines."""
+
+
+class Copier:
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.limiter = RateLimiter(job.options.speed)
+        self._remaining = bitarray()
+        self._cursor = 0
+
+    async def run(self) -> None:
+        """Copy until every selected cluster is done; passes repeat for clusters that a
+        failed copy-before-write left behind."""
+        job = self.job
+        while job.copying:
+            self._remaining = job.selected & ~job.done
+            if not self._remaining.any():
+                return
+            self._cursor = 0
+            async with trio.open_nursery() as nursery:
+                for _ in range(WORKERS):
+                    nursery.start_soon(self._worker)
+
+    async def _worker(self) -> None:
+        job = self.job
+        buf = bytearray(job.batch_bytes)
+        while True:
+            first = self._remaining.find(1, self._cursor)
+            if first < 0:
+                return
+            if job.done[first]:
+                self._cursor = first + 1
+                continue
+            if job.claims.is_claimed(first):
+                await job.claims.wait(first)  # then look at `first` again
+                continue
+            count = self._claim_batch(first)
+            self._cursor = first + count
+            copied = await job.copy_claimed(first, count, buf)
+            await self.limiter.account(copied)
+
+    def _claim_batch(self, first: int) -> int:
+        """Claim a run of wanted clusters starting at `first` (which is claimable)."""
+        job = self.job
+        end = min(len(self._remaining), first + job.batch_clusters)
+        count = 0
+        while (
+            first + count < end
+            and self._remaining[first + count]
+            and not job.done[first + count]
+            and job.claims.claim(first + count)
+        ):
+            count += 1
+        return count
+
+
+async def copy_in_background(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Fix the point in time, report readiness, then copy until done, failed or cancelled."""
+    job.start()
+    task_status.started()
+    try:
+        with job.copier_scope:
+            await Copier(job).run()
+    except Exception as e:  # a bug: the backup must say so rather than hang or lie
+        log.exception("copier crashed")
+        job.fail(f"internal error in the copier: {e!r}")
+    finally:
+        job.copier_done.set()

@@ -1,0 +1,63 @@
+"""Daemonizing late: fork after the mount exists and before any thread does.
+
+The parent waits on a pipe until the child says the live file is usable (the
+point in time is fixed), then exits 0; if the child fails first, the parent
+prints the child's reason and exits non-zero. Threads do not survive fork(), so
+this must run before trio starts its worker threads.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from .errors import CowfsError
+
+READY = b"ok"
+
+
+class Readiness:
+    """The child's end of the pipe: say `ready()` once, or `failed(reason)`."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def _send(self, message: bytes) -> None:
+        if self._fd is not None:
+            os.write(self._fd, message)
+            os.close(self._fd)
+            self._fd = None
+
+    def ready(self) -> None:
+        self._send(READY)
+
+    def failed(self, reason: str) -> None:
+        self._send(reason.encode())
+
+
+def daemonize(log_file: Path) -> Readiness:
+    """Fork. In the parent: wait for the child's word, then exit. In the child: detach
+    from the terminal, send output to `log_file`, and return the readiness pipe."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork():
+        os.close(write_fd)
+        chunks = []
+        while chunk := os.read(read_fd, 4096):
+            chunks.append(chunk)
+        message = b"".join(chunks).decode(errors="replace")
+        if message == READY.decode():
+            os._exit(0)
+        raise CowfsError(
+            message or f"the cowfs daemon died before the mount was ready; see {log_file}"
+        )
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(devnull)
+    os.close(log_fd)
+    return Readiness(write_fd)

@@ -1,0 +1,182 @@
+"""Wiring of `cowfs mount`: preflight, lock, create, mount, daemonize, serve, finish.
+
+Owns the order of events, which is what the guarantee hangs on: the point in
+time is fixed before pyfuse3 serves the first request; after the mount is gone
+the copier finishes inside a shielded scope; the record says complete only
+after the target is durable. Holds no backup logic of its own.
+"""
+
+import fcntl
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import preflight
+from .control import ControlServer
+from .copier import copy_in_background
+from .daemon import Readiness, daemonize
+from .errors import EXIT_INCOMPLETE, EXIT_OK, CowfsError
+from .fs import LiveFS
+from .job import Job, JobOptions, JobState
+from .log import setup_logging
+from .progress import show_progress
+from .record import Record, log_path, record_path, write_record
+from .target import RawTarget
+
+log = logging.getLogger(__name__)
+
+MOUNT_OPTIONS = {"fsname=cowfs", "subtype=cowfs", "auto_unmount"}
+"""auto_unmount: if the daemon dies (kill -9), fusermount3 removes the mount, so no
+stale 'Transport endpoint is not connected' mount blocks the next job."""
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    source: Path
+    mountpoint: Path
+    target: Path
+    options: JobOptions
+    force: bool = False
+    foreground: bool = False
+    progress: bool = False
+    debug: bool = False
+
+
+def run_mount(req: MountRequest) -> int:
+    """Mount, serve until unmounted, finish the backup. Returns the exit code."""
+    source, mountpoint, target_path = (
+        p.absolute() for p in (req.source, req.mountpoint, req.target)
+    )
+    preflight.check_cluster_size(req.options.cluster_size)
+    source_st = preflight.check_source(source)
+    preflight.check_mountpoint(mountpoint)
+    preflight.check_target(target_path, source_st, mountpoint, req.force)
+
+    source_fd = _open_locked(source)
+    tmp = target_path.with_name(f".{target_path.name}.cowfs-{os.getpid()}.tmp")
+    try:
+        target = RawTarget.create(tmp, source_st.st_size)
+    except OSError as e:
+        os.close(source_fd)
+        raise CowfsError(f"cannot create target {target_path}: {e.strerror}") from None
+
+    job = Job(source_fd, str(source), target, req.options)
+    stop = trio.Event()
+    control = ControlServer(job, str(mountpoint), on_cancel=stop.set)
+    fs = LiveFS(job, source.name, control)
+    try:
+        pyfuse3.init(fs, str(mountpoint), set(pyfuse3.default_options) | MOUNT_OPTIONS)
+    except Exception as e:  # pyfuse3 raises RuntimeError with libfuse's reason
+        target.close()
+        tmp.unlink()
+        os.close(source_fd)
+        raise CowfsError(f"cannot mount on {mountpoint}: {e}") from None
+    os.replace(tmp, target_path)
+    target.path = target_path
+    record_path(target_path).unlink(missing_ok=True)
+
+    if req.foreground:
+        setup_logging(None, req.debug)
+        readiness = Readiness(None)
+    else:
+        readiness = daemonize(log_path(target_path))
+        setup_logging(log_path(target_path), req.debug)
+    try:
+        trio.run(_serve, job, stop, readiness, req.progress)
+    except BaseException as e:
+        readiness.failed(f"cowfs daemon failed: {e!r}")
+        raise
+    finally:
+        _write_record(job)
+    log.info("backup %s: %s", job.state, target_path)
+    return EXIT_OK if job.state is JobState.COMPLETE else EXIT_INCOMPLETE
+
+
+def _open_locked(source: Path) -> int:
+    """Open the source read-write and hold an exclusive lock for the whole job."""
+    try:
+        fd = os.open(source, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise CowfsError(f"cannot open source {source}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CowfsError(f"source {source} is in use by another cowfs job") from None
+    return fd
+
+
+async def _serve(job: Job, stop: trio.Event, readiness: Readiness, progress: bool) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(copy_in_background, job)  # fixes the point in time
+        _write_record(job)
+        nursery.start_soon(_cancel_on_signals, job, stop)
+        nursery.start_soon(_record_when_ended, job)
+        if progress:
+            nursery.start_soon(show_progress, job)
+        readiness.ready()
+        try:
+            async with trio.open_nursery() as serving:
+                serving.start_soon(_stop_serving_when, stop)
+                await pyfuse3.main()
+                serving.cancel_scope.cancel()
+        finally:
+            # No request is served from here on: the source is quiet.
+            pyfuse3.close(unmount=True)
+        with trio.CancelScope(shield=True):
+            await job.complete()
+        nursery.cancel_scope.cancel()
+
+
+async def _cancel_on_signals(job: Job, stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            job.cancel(f"received {signal.Signals(signum).name}")
+            stop.set()
+
+
+async def _stop_serving_when(stop: trio.Event) -> None:
+    """Leave pyfuse3.main() from a task of its own, so that the request asking for it
+    (a cancel through the control xattr) is answered first. Cancelled as soon as main()
+    returns: terminate() after close() would touch a freed session."""
+    await stop.wait()
+    pyfuse3.terminate()
+
+
+async def _record_when_ended(job: Job) -> None:
+    """A job that fails or is cancelled while mounted says so at once, not at unmount."""
+    await job.ended.wait()
+    await trio.to_thread.run_sync(_write_record, job)
+
+
+def _write_record(job: Job) -> None:
+    if job.point_in_time is None:
+        return  # the job never started: no backup, no record
+    status = job.status()
+    record = Record(
+        status=str(job.state),
+        source=job.source,
+        target=str(job.target.path),
+        format=job.target.format,
+        size=job.size,
+        cluster_size=job.cluster_size,
+        sync=str(job.options.sync),
+        point_in_time=job.point_in_time.isoformat(),
+        pid=os.getpid(),
+        started=job.point_in_time.isoformat(),
+        finished=datetime.now(UTC).isoformat() if job.finished_mono else None,
+        bytes_total=int(status["bytes_total"]),  # type: ignore[call-overload]
+        bytes_done=int(status["bytes_done"]),  # type: ignore[call-overload]
+        bytes_copier=job.bytes_copier,
+        bytes_cbw=job.bytes_cbw,
+        bytes_written=job.bytes_written,
+        duration_s=float(status["elapsed_s"]),  # type: ignore[arg-type]
+        errors=list(job.errors),
+    )
+    write_record(record_path(Path(job.target.path)), record)

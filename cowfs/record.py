@@ -1,0 +1,102 @@
+"""The record beside each target: the only thing that says whether a target can be trusted.
+
+Owns the record's file name, its fields, atomic replacement and the verdict
+(`complete`, `failed`, `cancelled`, `incomplete`). A record is written when the
+job starts (saying `running`), whenever the job reaches a final state, and at
+the end; a crash therefore leaves `running`, which reads as `incomplete`.
+Never reports `complete` unless the job itself wrote that state.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import CowfsError
+
+RECORD_SUFFIX = ".cowfs.json"
+LOG_SUFFIX = ".cowfs.log"
+FINAL_STATES = ("complete", "failed", "cancelled")
+
+
+def record_path(target: Path) -> Path:
+    return target.with_name(target.name + RECORD_SUFFIX)
+
+
+def log_path(target: Path) -> Path:
+    return target.with_name(target.name + LOG_SUFFIX)
+
+
+@dataclass
+class Record:
+    status: str
+    source: str
+    target: str
+    format: str
+    size: int
+    cluster_size: int
+    sync: str
+    point_in_time: str
+    pid: int
+    started: str
+    finished: str | None = None
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_copier: int = 0
+    bytes_cbw: int = 0
+    bytes_written: int = 0
+    duration_s: float | None = None
+    errors: list[str] = field(default_factory=list)
+    version: int = 1
+
+
+def write_record(path: Path, record: Record) -> None:
+    """Replace the record atomically: temp file, fsync, rename, fsync the directory.
+
+    A reader (or a crash) sees either the old record or the new one, never half.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(asdict(record), indent=2, sort_keys=True).encode() + b"\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_record(target: Path) -> Record:
+    """Load the record of `target`; a missing or damaged record is a clear error."""
+    path = record_path(target)
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CowfsError(f"{target}: no cowfs record (expected {path})") from None
+    except (OSError, ValueError) as e:
+        raise CowfsError(f"{path}: unreadable record: {e}") from None
+    names = {f.name for f in fields(Record)}
+    try:
+        return Record(**{k: v for k, v in raw.items() if k in names})
+    except TypeError as e:
+        raise CowfsError(f"{path}: damaged record: {e}") from None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def verdict(record: Record) -> str:
+    """One word a script can trust: complete, failed, cancelled or incomplete."""
+    return record.status if record.status in FINAL_STATES else "incomplete"
