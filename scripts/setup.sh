@@ -17,6 +17,10 @@ if ((${#missing[@]})); then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+log=$(mktemp)
+if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test]'; } >"$log" 2>&1
+then
+    cat "$log"; rm -f "$log"; exit 1
+fi
+rm -f "$log"
 echo "cowfs set up: $(.venv/bin/cowfs --version)"
