@@ -85,4 +85,4 @@ async def copy_in_background(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) 
         log.exception("copier crashed")
         job.fail(f"internal error in the copier: {e!r}")
     finally:
-        job.copier_done.set()
+        job.copier_finished()

@@ -79,6 +79,7 @@ class Job:
         self.bytes_written = 0
         self.copier_scope = trio.CancelScope()
         self.copier_done = trio.Event()
+        self.copier_done_mono: float | None = None
         self.ended = trio.Event()
         self._cbw_buf = bytearray(self.batch_bytes)
         self._io_limiter = trio.CapacityLimiter(2)
@@ -222,6 +223,11 @@ class Job:
         offset = first * self.cluster_size
         return offset, min(count * self.cluster_size, self.size - offset)
 
+    def copier_finished(self) -> None:
+        """The copier has stopped (all copied, or the job ended); rates stop counting."""
+        self.copier_done_mono = time.monotonic()
+        self.copier_done.set()
+
     # -- ending --------------------------------------------------------------
 
     async def complete(self) -> None:
@@ -277,7 +283,8 @@ class Job:
         done = self._bytes(self.selected & self.done)
         end = self.finished_mono or time.monotonic()
         elapsed = max(end - self.started_mono, 1e-6) if self.started_mono else 0.0
-        rate = (self.bytes_copier + self.bytes_cbw) / elapsed if elapsed else 0.0
+        copying = min(end, self.copier_done_mono or end) - self.started_mono
+        rate = (self.bytes_copier + self.bytes_cbw) / copying if copying > 0 else 0.0
         remaining = total - done
         return {
             "state": str(self.state),
