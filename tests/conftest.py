@@ -189,10 +189,12 @@ def cowfs(tmp_path: Path) -> Iterator[CowfsRunner]:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def no_leftover_mounts() -> Iterator[None]:
-    before = cowfs_mounts()
+def no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Only mounts under this session's temporary directory count: other sessions
+    (other test runs, benchmarks) may have mounts of their own at the same time."""
+    base = str(tmp_path_factory.getbasetemp()) + os.sep
     yield
-    left = cowfs_mounts() - before
+    left = {mp for mp in cowfs_mounts() if mp.startswith(base)}
     for mp in left:
         subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
     assert not left, f"tests left cowfs mounts behind: {sorted(left)}"
