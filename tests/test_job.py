@@ -1,0 +1,495 @@
+"""The job and its copier in-process, no FUSE: the point-in-time guarantee under load.
+
+Why this tier exists: the guarantee of DESIGN.md (copy-before-write before every
+mutating operation, single flight per cluster, done only after the copy, holes
+stay holes, nothing silent on errors) lives in cowfs.job and cowfs.copier. Here we
+drive them directly from many trio tasks while the real copier runs in its worker
+threads, so that a broken ordering shows up in milliseconds, with a seed to replay,
+instead of behind a FUSE mount. The guest's write is simulated exactly as the FUSE
+layer does it: `await job.copy_before_write(...)`, then `os.pwrite` on the source.
+"""
+
+import errno
+import itertools
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+import cowfs.job
+from cowfs.copier import copy_in_background
+from cowfs.job import Job, JobOptions, JobState, SyncMode
+from cowfs.target import RawTarget
+
+SEEDS = int(os.environ.get("COWFS_JOB_SEEDS", "25"))
+"""Seeds per sync mode for the random workload; CI may raise it (each seed is ~50 ms)."""
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+class RecordingTarget:
+    """A RawTarget wrapper that checks the job's promises at the moment of each write.
+
+    Every cluster is written (data or zeroes) at most once after the point in time,
+    only while the writer holds its claim, and never after it was marked done. Violations
+    are collected (an exception raised here would be swallowed into a failed job) and
+    asserted by the test. Copier writes arrive from worker threads: a lock guards state,
+    and a short sleep there widens the window in which guest writes race the copier.
+    """
+
+    format = "raw"
+
+    def __init__(self, raw: RawTarget, cluster_size: int, thread_delay: float = 0.0) -> None:
+        self.raw = raw
+        self.path = raw.path
+        self.cluster_size = cluster_size
+        self.thread_delay = thread_delay
+        self.job: Job | None = None
+        self.lock = threading.Lock()
+        self.seen: set[int] = set()
+        self.calls: list[tuple[str, int, int]] = []
+        self.violations: list[str] = []
+
+    def _check(self, kind: str, offset: int, length: int) -> None:
+        job = self.job
+        assert job is not None
+        with self.lock:
+            self.calls.append((kind, offset, length))
+            if job.state is JobState.CREATED:
+                return  # start() zero-fills holes of a full job: not a copy
+            if offset % self.cluster_size:
+                self.violations.append(f"{kind} at unaligned offset {offset}")
+            first = offset // self.cluster_size
+            last = (offset + length - 1) // self.cluster_size
+            for c in range(first, last + 1):
+                if c in self.seen:
+                    self.violations.append(f"cluster {c} copied twice ({kind})")
+                self.seen.add(c)
+                if job.done[c]:
+                    self.violations.append(f"{kind} to cluster {c} already marked done")
+                if not job.claims.is_claimed(c):
+                    self.violations.append(f"{kind} to cluster {c} without a claim")
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._check("write", offset, len(data))
+        if self.thread_delay and threading.current_thread() is not threading.main_thread():
+            time.sleep(self.thread_delay)
+        self.raw.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._check("zeroes", offset, length)
+        self.raw.write_zeroes(offset, length)
+
+    def fsync(self) -> None:
+        self.raw.fsync()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class FailingTarget(RecordingTarget):
+    """A target whose data writes fail with EIO when they touch chosen clusters."""
+
+    def __init__(self, raw: RawTarget, cluster_size: int, fail_clusters: set[int]) -> None:
+        super().__init__(raw, cluster_size)
+        self.fail_clusters = fail_clusters
+
+    def write(self, offset: int, data: memoryview) -> None:
+        first = offset // self.cluster_size
+        last = (offset + len(data) - 1) // self.cluster_size
+        if self.fail_clusters & set(range(first, last + 1)):
+            raise OSError(errno.EIO, "injected target error")
+        super().write(offset, data)
+
+
+def write_source(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> None:
+    """A sparse file of `size` bytes holding `pieces`; everything else is a hole."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for offset, data in pieces:
+            os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def random_source(path: Path, rng: random.Random, cluster_size: int) -> int:
+    """Random data, written zeros and holes in runs that cross cluster boundaries; the
+    size usually ends in a partial cluster. Returns the size."""
+    nclusters = rng.randint(1, 40)
+    size = max(1, nclusters * cluster_size - rng.choice([0, rng.randrange(cluster_size)]))
+    holes = rng.random() < 0.7
+    pieces = []
+    pos = 0
+    while pos < size:
+        length = min(size - pos, rng.randint(1, 3 * cluster_size))
+        kind = rng.random()
+        if kind < 0.55:
+            pieces.append((pos, rng.randbytes(length)))
+        elif kind < 0.75 or not holes:
+            pieces.append((pos, bytes(length)))
+        pos += length
+    write_source(path, size, pieces)
+    return size
+
+
+def make_job(
+    tmp_path: Path,
+    source: Path,
+    sync: SyncMode,
+    cluster_size: int,
+    *,
+    speed: int = 0,
+    target_cls: type[RecordingTarget] = RecordingTarget,
+    **target_kw: object,
+) -> tuple[Job, RecordingTarget]:
+    fd = os.open(source, os.O_RDWR)
+    size = os.fstat(fd).st_size
+    raw = RawTarget.create(tmp_path / "target.img", size)
+    target = target_cls(raw, cluster_size, **target_kw)  # type: ignore[arg-type]
+    job = Job(fd, str(source), target, JobOptions(sync, cluster_size, speed))  # type: ignore[arg-type]
+    target.job = job
+    return job, target
+
+
+def close_job(job: Job) -> None:
+    os.close(job.source_fd)
+    job.target.close()
+
+
+def cluster_bytes(size: int, cluster_size: int, clusters: set[int]) -> int:
+    """Bytes of `clusters`, the last partial cluster counted as partial."""
+    return sum(min(cluster_size, size - c * cluster_size) for c in clusters)
+
+
+def data_cluster_set(before: bytes, cluster_size: int, holes: set[int]) -> set[int]:
+    n = -(-len(before) // cluster_size)
+    return set(range(n)) - holes
+
+
+def hole_clusters(path: Path, cluster_size: int) -> set[int]:
+    """Clusters with no data extent, computed independently of cowfs.extents."""
+    size = path.stat().st_size
+    n = -(-size // cluster_size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        holes = set()
+        for c in range(n):
+            try:
+                data = os.lseek(fd, c * cluster_size, os.SEEK_DATA)
+            except OSError as e:
+                assert e.errno == errno.ENXIO
+                data = size
+            if data >= min(size, (c + 1) * cluster_size):
+                holes.add(c)
+        return holes
+    finally:
+        os.close(fd)
+
+
+async def poll(condition: Callable[[], bool]) -> None:
+    """Wait for a condition the job offers no event for (the copier's progress)."""
+    with trio.fail_after(5):
+        for _ in itertools.count():
+            if condition():
+                return
+            await trio.sleep(0.001)
+
+
+# -- the point in time under a random concurrent workload ---------------------
+
+
+async def guest(
+    job: Job, rng: random.Random, touched: list[tuple[int, int]], ops: int, truncate: bool
+) -> None:
+    """One guest task: random writes (1 byte to 1 MiB, unaligned, some past EOF), maybe a
+    shrinking truncate, each preceded by copy-before-write exactly as the FUSE layer does."""
+    cs = job.cluster_size
+    fd = job.source_fd
+    truncate_at = rng.randrange(ops) if truncate else -1
+    for i in range(ops):
+        if i == truncate_at:
+            current = os.fstat(fd).st_size
+            new_size = rng.randrange(0, max(1, current))
+            touched.append((new_size, current - new_size))
+            await job.copy_before_write(new_size, current - new_size)
+            os.ftruncate(fd, new_size)
+        else:
+            offset = rng.randrange(0, job.size + cs)
+            length = rng.choice(
+                [rng.randint(1, 16), rng.randint(1, 2 * cs), cs, rng.randint(1, MiB)]
+            )
+            data = bytes(length) if rng.random() < 0.1 else rng.randbytes(length)
+            touched.append((offset, length))
+            await job.copy_before_write(offset, length)
+            os.pwrite(fd, data, offset)  # no checkpoint between CBW and the write
+        if rng.random() < 0.3:
+            await trio.sleep(rng.random() * 0.002)  # let the copier's threads move on
+        else:
+            await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("sync", [SyncMode.FULL, SyncMode.TOP, SyncMode.NONE])
+@pytest.mark.parametrize("seed", range(SEEDS))
+async def test_point_in_time_under_concurrent_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, sync: SyncMode
+) -> None:
+    rng = random.Random(f"{seed}-{sync}")
+    cs = rng.choice([4 * KiB, 16 * KiB, 64 * KiB])
+    # Small batches make the copier claim many times, so guest writes meet its claims.
+    monkeypatch.setattr(cowfs.job, "BATCH_BYTES", rng.choice([cs, 4 * cs, MiB]))
+    source = tmp_path / "source.img"
+    size = random_source(source, rng, cs)
+    before = source.read_bytes()
+    holes = hole_clusters(source, cs)
+    job, target = make_job(tmp_path, source, sync, cs, thread_delay=0.0002)
+    touched: list[tuple[int, int]] = []
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(copy_in_background, job)
+                assert job.state is JobState.RUNNING
+                async with trio.open_nursery() as guests:
+                    for _ in range(rng.randint(1, 8)):
+                        guests.start_soon(
+                            guest,
+                            job,
+                            random.Random(rng.random()),
+                            touched,
+                            rng.randint(1, 8),
+                            rng.random() < 0.3,
+                        )
+                await job.complete()
+        status = job.status()
+    finally:
+        close_job(job)
+
+    replay = f"seed={seed} sync={sync} cluster={cs} size={size}"
+    assert job.state is JobState.COMPLETE, (replay, job.errors)
+    assert job.errors == []
+    assert target.violations == [], replay
+
+    got = (tmp_path / "target.img").read_bytes()
+    assert len(got) == size
+    data = data_cluster_set(before, cs, holes)
+    if sync is SyncMode.NONE:
+        hit = set()
+        for offset, length in touched:
+            end = min(offset + length, size)
+            if offset < end:
+                hit |= set(range(offset // cs, (end - 1) // cs + 1))
+        expected = bytearray(size)
+        for c in hit:
+            expected[c * cs : (c + 1) * cs] = before[c * cs : (c + 1) * cs]
+        assert got == bytes(expected), replay
+        copied = hit & data
+        assert status["bytes_copier"] == 0
+        assert status["bytes_cbw"] == cluster_bytes(size, cs, copied)
+    else:
+        assert got == before, replay
+        copied = data
+        assert status["bytes_done"] == status["bytes_total"]
+        assert status["bytes_copier"] + status["bytes_cbw"] == cluster_bytes(size, cs, data)
+    # Every cluster that held data at the point in time was copied exactly once.
+    assert target.seen == copied, replay
+
+
+async def test_cbw_waits_for_the_copier_claim(tmp_path: Path) -> None:
+    """A guest write to a cluster the copier is copying right now waits for that copy
+    and does not copy the cluster again."""
+    cs = 64 * KiB
+    source = tmp_path / "source.img"
+    write_source(source, 4 * MiB, [(0, random.Random(1).randbytes(4 * MiB))])
+    before = source.read_bytes()
+    job, target = make_job(tmp_path, source, SyncMode.FULL, cs, thread_delay=0.05)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(copy_in_background, job)
+            await poll(lambda: job.claims.is_claimed(0))
+            assert not job.done[0]
+            await job.copy_before_write(10, 1)
+            assert job.done[0]
+            os.pwrite(job.source_fd, b"\xff", 10)
+            await job.complete()
+        assert job.state is JobState.COMPLETE
+        assert target.violations == []
+        assert job.bytes_cbw == 0  # the copier's copy served the guest
+        assert (tmp_path / "target.img").read_bytes() == before
+    finally:
+        close_job(job)
+
+
+async def test_empty_source(tmp_path: Path) -> None:
+    source = tmp_path / "source.img"
+    write_source(source, 0, [])
+    job, _ = make_job(tmp_path, source, SyncMode.FULL, 64 * KiB)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(copy_in_background, job)
+            await job.copy_before_write(0, 100)
+            await job.complete()
+        assert job.state is JobState.COMPLETE
+        assert job.status()["bytes_total"] == 0
+    finally:
+        close_job(job)
+
+
+# -- holes ---------------------------------------------------------------------
+
+
+CS = 64 * KiB
+SPARSE_SIZE = 16 * CS + 5000  # a partial last cluster
+SPARSE_DATA = {2: b"a" * CS, 9: b"b" * 100, 16: b"c" * 5000}  # cluster -> data at its start
+SPARSE_ZERO_WRITTEN = 5  # a cluster of written zeros: allocated, but not worth writing
+
+
+def sparse_source(tmp_path: Path) -> Path:
+    source = tmp_path / "source.img"
+    pieces = [(c * CS, data) for c, data in SPARSE_DATA.items()]
+    pieces.append((SPARSE_ZERO_WRITTEN * CS, bytes(CS)))
+    write_source(source, SPARSE_SIZE, pieces)
+    return source
+
+
+@pytest.mark.parametrize("sync", [SyncMode.FULL, SyncMode.TOP, SyncMode.NONE])
+async def test_holes_are_done_from_the_start(tmp_path: Path, sync: SyncMode) -> None:
+    source = sparse_source(tmp_path)
+    job, _ = make_job(tmp_path, source, sync, CS)
+    try:
+        job.start()
+        data = {*SPARSE_DATA, SPARSE_ZERO_WRITTEN}
+        assert {c for c in range(17) if not job.done[c]} == data
+        assert len(job.done) == 17
+        total = job.status()["bytes_total"]
+        if sync is SyncMode.FULL:
+            assert total == SPARSE_SIZE
+        elif sync is SyncMode.TOP:
+            assert total == 3 * CS + 5000  # holes excluded, last cluster partial
+        else:
+            assert total == 0
+    finally:
+        close_job(job)
+
+
+@pytest.mark.parametrize("sync", [SyncMode.FULL, SyncMode.TOP])
+async def test_target_stays_sparse(tmp_path: Path, sync: SyncMode) -> None:
+    source = sparse_source(tmp_path)
+    before = source.read_bytes()
+    job, target = make_job(tmp_path, source, sync, CS)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(copy_in_background, job)
+            await job.copy_before_write(9 * CS, 1)  # CBW of a data cluster
+            os.pwrite(job.source_fd, b"x", 9 * CS)
+            await job.copy_before_write(12 * CS, CS)  # CBW of a hole: nothing to copy
+            os.pwrite(job.source_fd, b"y" * CS, 12 * CS)
+            await job.complete()
+        assert job.state is JobState.COMPLETE
+        assert target.violations == []
+        assert not [c for c in target.calls if c[0] == "write" and c[1] // CS == 12]
+    finally:
+        close_job(job)
+    out = tmp_path / "target.img"
+    assert out.read_bytes() == before
+    # Only the three clusters with non-zero data were written: the rest are holes.
+    assert hole_clusters(out, CS) == set(range(17)) - set(SPARSE_DATA)
+    assert out.stat().st_blocks * 512 <= 4 * CS
+
+
+# -- failures and cancel ---------------------------------------------------------
+
+
+def random_full_source(tmp_path: Path, size: int, seed: int = 7) -> Path:
+    source = tmp_path / "source.img"
+    write_source(source, size, [(0, random.Random(seed).randbytes(size))])
+    return source
+
+
+async def test_cbw_error_breaks_the_snapshot(tmp_path: Path) -> None:
+    cs = 64 * KiB
+    source = random_full_source(tmp_path, 4 * MiB)
+    bad = 60
+    job, target = make_job(
+        tmp_path, source, SyncMode.FULL, cs, speed=1, target_cls=FailingTarget, fail_clusters={bad}
+    )
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(copy_in_background, job)
+                await job.copy_before_write(bad * cs + 100, 10)  # returns: the guest proceeds
+                assert job.state is JobState.FAILED
+                assert any(
+                    "copy-before-write" in e and str(bad * cs) in e and "injected" in e
+                    for e in job.errors
+                ), job.errors
+                os.pwrite(job.source_fd, b"guest", bad * cs + 100)
+                calls = len(target.calls)
+                await job.copy_before_write(0, 4 * MiB)  # the job has ended: no copy
+                assert len(target.calls) == calls
+                await job.copier_done.wait()  # the copier stopped
+                await job.complete()
+        assert job.state is JobState.FAILED
+        assert job.status()["state"] == "failed"
+        assert not job.done[bad]
+        assert target.violations == []
+    finally:
+        close_job(job)
+
+
+async def test_copier_error_fails_the_job(tmp_path: Path) -> None:
+    cs = 64 * KiB
+    source = random_full_source(tmp_path, 2 * MiB)
+    bad = 5
+    job, target = make_job(
+        tmp_path, source, SyncMode.FULL, cs, target_cls=FailingTarget, fail_clusters={bad}
+    )
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(copy_in_background, job)
+                await job.complete()
+                calls = len(target.calls)
+                await job.copy_before_write(0, 2 * MiB)
+                assert len(target.calls) == calls
+        assert job.state is JobState.FAILED
+        assert any("copier" in e and "injected" in e for e in job.errors), job.errors
+        assert not job.done[bad]
+    finally:
+        close_job(job)
+
+
+async def test_cancel_stops_copier_and_cbw(tmp_path: Path) -> None:
+    cs = 64 * KiB
+    source = random_full_source(tmp_path, 8 * MiB)
+    job, target = make_job(tmp_path, source, SyncMode.FULL, cs, speed=2 * MiB)
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(copy_in_background, job)
+                await poll(lambda: job.bytes_copier > 0)
+                job.cancel("by the test")
+                assert job.state is JobState.CANCELLED
+                await job.copier_done.wait()
+                calls = len(target.calls)
+                await trio.sleep(0.05)
+                assert len(target.calls) == calls  # the copier wrote nothing more
+                last = len(job.done) - 1
+                assert not job.done[last]
+                await job.copy_before_write(last * cs, cs)  # returns at once, copies nothing
+                assert len(target.calls) == calls
+                assert not job.done[last]
+                await job.complete()
+        assert job.state is JobState.CANCELLED
+        assert job.errors == ["cancelled: by the test"]
+        assert job.status()["bytes_done"] < job.status()["bytes_total"]
+    finally:
+        close_job(job)
