@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import cowfs.job
 from cowfs.copier import copy_in_background
@@ -31,6 +32,8 @@ SEEDS = int(os.environ.get("COWFS_JOB_SEEDS", "25"))
 
 KiB = 1 << 10
 MiB = 1 << 20
+CS = 64 * KiB
+SPARSE_SIZE = 16 * CS + 5000  # a partial last cluster
 
 
 # -- helpers -------------------------------------------------------------------
@@ -48,8 +51,15 @@ class RecordingTarget:
 
     format = "raw"
 
-    def __init__(self, raw: RawTarget, cluster_size: int, thread_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        raw: RawTarget,
+        cluster_size: int,
+        thread_delay: float = 0.0,
+        gate: threading.Event | None = None,
+    ) -> None:
         self.raw = raw
+        self.gate = gate
         self.path = raw.path
         self.cluster_size = cluster_size
         self.thread_delay = thread_delay
@@ -81,7 +91,9 @@ class RecordingTarget:
 
     def write(self, offset: int, data: memoryview) -> None:
         self._check("write", offset, len(data))
-        if self.thread_delay and threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
+            if self.gate is not None:
+                assert self.gate.wait(10), "the test never opened the gate"
             time.sleep(self.thread_delay)
         self.raw.write(offset, data)
 
@@ -224,9 +236,12 @@ async def guest(
             await job.copy_before_write(new_size, current - new_size)
             os.ftruncate(fd, new_size)
         else:
-            offset = rng.randrange(0, job.size + cs)
+            if rng.random() < 0.5:
+                offset = rng.randrange(0, job.size + cs)
+            else:  # at a cluster boundary or one byte either side of it
+                offset = max(0, rng.randrange(0, job.size // cs + 2) * cs + rng.choice([-1, 0, 1]))
             length = rng.choice(
-                [rng.randint(1, 16), rng.randint(1, 2 * cs), cs, rng.randint(1, MiB)]
+                [rng.randint(1, 16), rng.randint(1, 2 * cs), cs, 2, rng.randint(1, MiB)]
             )
             data = bytes(length) if rng.random() < 0.1 else rng.randbytes(length)
             touched.append((offset, length))
@@ -310,20 +325,67 @@ async def test_cbw_waits_for_the_copier_claim(tmp_path: Path) -> None:
     source = tmp_path / "source.img"
     write_source(source, 4 * MiB, [(0, random.Random(1).randbytes(4 * MiB))])
     before = source.read_bytes()
-    job, target = make_job(tmp_path, source, SyncMode.FULL, cs, thread_delay=0.05)
+    gate = threading.Event()  # holds the copier's writes until the guest waits
+    job, target = make_job(tmp_path, source, SyncMode.FULL, cs, gate=gate)
+    returned = trio.Event()
+
+    async def guest_write() -> None:
+        await job.copy_before_write(10, 1)
+        assert job.done[0]
+        os.pwrite(job.source_fd, b"\xff", 10)
+        returned.set()
+
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
-            await poll(lambda: job.claims.is_claimed(0))
-            assert not job.done[0]
-            await job.copy_before_write(10, 1)
-            assert job.done[0]
-            os.pwrite(job.source_fd, b"\xff", 10)
-            await job.complete()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(copy_in_background, job)
+                await poll(lambda: job.claims.is_claimed(0))
+                nursery.start_soon(guest_write)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not returned.is_set()  # the guest waits for the copier's copy
+                assert not job.done[0]
+                gate.set()
+                await returned.wait()
+                await job.complete()
         assert job.state is JobState.COMPLETE
         assert target.violations == []
         assert job.bytes_cbw == 0  # the copier's copy served the guest
         assert (tmp_path / "target.img").read_bytes() == before
+    finally:
+        close_job(job)
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "expected"),
+    [
+        (0, 1, {0}),
+        (CS - 1, 1, {0}),
+        (CS - 1, 2, {0, 1}),
+        (CS, CS, {1}),
+        (CS + 1, CS - 1, {1}),
+        (2 * CS, 3 * CS, {2, 3, 4}),
+        (5 * CS + 7, 0, set()),
+        (16 * CS + 4999, 1, {16}),
+        (16 * CS + 4999, MiB, {16}),
+        (16 * CS + 5000, 10, set()),
+        (15 * CS, 10 * MiB, {15, 16}),
+    ],
+)
+async def test_cbw_copies_exactly_the_touched_clusters(
+    tmp_path: Path, offset: int, length: int, expected: set[int]
+) -> None:
+    """CBW of [offset, offset+length) copies the clusters it overlaps below the
+    point-in-time size, no fewer (data loss) and no more (a fleecing target that lies)."""
+    source = tmp_path / "source.img"
+    write_source(source, SPARSE_SIZE, [(0, random.Random(5).randbytes(SPARSE_SIZE))])
+    job, target = make_job(tmp_path, source, SyncMode.NONE, CS)
+    try:
+        job.start()
+        await job.copy_before_write(offset, length)
+        assert {c for c in range(len(job.done)) if job.done[c]} == expected
+        assert target.seen == expected
+        assert target.violations == []
+        assert job.bytes_cbw == cluster_bytes(SPARSE_SIZE, CS, expected)
     finally:
         close_job(job)
 
@@ -346,8 +408,6 @@ async def test_empty_source(tmp_path: Path) -> None:
 # -- holes ---------------------------------------------------------------------
 
 
-CS = 64 * KiB
-SPARSE_SIZE = 16 * CS + 5000  # a partial last cluster
 SPARSE_DATA = {2: b"a" * CS, 9: b"b" * 100, 16: b"c" * 5000}  # cluster -> data at its start
 SPARSE_ZERO_WRITTEN = 5  # a cluster of written zeros: allocated, but not worth writing
 
@@ -439,8 +499,30 @@ async def test_cbw_error_breaks_the_snapshot(tmp_path: Path) -> None:
                 await job.complete()
         assert job.state is JobState.FAILED
         assert job.status()["state"] == "failed"
+        assert len(job.errors) == 1, job.errors  # complete() added nothing
         assert not job.done[bad]
         assert target.violations == []
+    finally:
+        close_job(job)
+
+
+async def test_cbw_error_in_sync_none_stays_failed(tmp_path: Path) -> None:
+    """A fleecing job has nothing left to copy at the end; a broken CBW must still fail it."""
+    cs = 64 * KiB
+    source = random_full_source(tmp_path, MiB)
+    job, _ = make_job(
+        tmp_path, source, SyncMode.NONE, cs, target_cls=FailingTarget, fail_clusters={3}
+    )
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(copy_in_background, job)
+                await job.copy_before_write(0, 2 * cs)
+                await job.copy_before_write(3 * cs, 1)
+                os.pwrite(job.source_fd, b"guest", 3 * cs)
+                await job.complete()
+        assert job.state is JobState.FAILED
+        assert len(job.errors) == 1 and "copy-before-write" in job.errors[0]
     finally:
         close_job(job)
 
