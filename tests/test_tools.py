@@ -168,6 +168,7 @@ def fio_args(filename: Path, *extra: str) -> list[str]:
         "--verify_fatal=1",
         "--randseed=1234",
         "--output-format=terse",
+        "--verify_state_save=0",  # no state file in the working directory
         *extra,
     ]
 
