@@ -73,6 +73,7 @@ class Workload:
     epochs: list[Epoch]
     direct: list[bool]  # per writer thread: open the live file with O_DIRECT
     ftruncate: bool  # truncate through an open fd rather than the path
+    island: tuple[int, int]  # whole clusters no write touches (for `none`: must stay zero)
 
 
 def _write_size(rng: random.Random) -> int:
@@ -81,10 +82,16 @@ def _write_size(rng: random.Random) -> int:
 
 
 def _plan_writes(
-    rng: random.Random, lo: int, hi: int, cluster: int, tail: Write | None = None
+    rng: random.Random,
+    lo: int,
+    hi: int,
+    cluster: int,
+    island: tuple[int, int],
+    tail: Write | None = None,
 ) -> tuple[list[list[Write]], list[tuple[int, int]]]:
-    """Writer threads' writes in [lo, hi): disjoint between threads, often abutting at
-    unaligned offsets (so threads share clusters), overlapping within one thread."""
+    """Writer threads' writes in [lo, hi) but not in the island [start, end): disjoint
+    between threads, often abutting at unaligned offsets (so threads share clusters),
+    overlapping within one thread. Also returns some of the ranges left unwritten."""
     writes: list[list[Write]] = [[] for _ in range(WRITERS)]
     gaps: list[tuple[int, int]] = []
     pos = lo + rng.randrange(0, min(cluster, max(1, hi - lo)))
@@ -94,7 +101,12 @@ def _plan_writes(
         if rng.random() < 0.2:  # straddle a cluster boundary by a few bytes
             start = (pos // cluster + 1) * cluster - rng.randrange(1, 16)
             pos = start if pos <= start < hi else pos
+        if island[0] <= pos < island[1]:
+            pos = island[1]
+            continue
         length = min(_write_size(rng), hi - pos)
+        if pos < island[0] < pos + length:
+            length = island[0] - pos
         owner = writes[rng.randrange(WRITERS)]
         owner.append(Write(pos, rng.randbytes(length)))
         if length > 1 and rng.random() < 0.3:  # the owner overwrites part of it again
@@ -119,23 +131,38 @@ def plan_workload(rng: random.Random, size: int, cluster: int) -> Workload:
 
     No write before the truncate touches the clusters between `reserve` and the last
     one (at least two full clusters, the end of which the copier reaches last), so
-    only the truncate's copy-before-write can save their old content."""
+    only the truncate's copy-before-write can save their old content. No write at all
+    touches the island: whole clusters below the truncate, so that `none` must leave
+    them zero although writes end right before and start right after them."""
     epochs: list[Epoch] = []
     whole = size - size % cluster
     reserve = whole - rng.randrange(max(size // 5, 2 * cluster), max(size // 3, 2 * cluster) + 1)
     # The last partial cluster of the point in time, perhaps growing the file.
     tail_start = size - rng.randrange(1, min(size % cluster, 4 * KiB) + 1)
+    island_clusters = 3 if cluster <= 64 * KiB else 1
+    room = (reserve - 64 * KiB) // cluster - island_clusters  # island ends below the shrink
+    island_start = rng.randrange(0, room + 1) * cluster if room >= 0 else 0
+    island = (island_start, island_start + island_clusters * cluster if room >= 0 else 0)
     tail = Write(tail_start, rng.randbytes(size - tail_start + rng.choice([0, 0, 1, 5000])))
+    edges: list[list[Write]] = [[] for _ in range(WRITERS)]  # right beside the island
+    if island[0] > 0:
+        start = max(0, island[0] - rng.randrange(1, 5000))
+        edges[0].append(Write(start, rng.randbytes(island[0] - start)))
+    if island[1] > 0:
+        edges[1].append(Write(island[1], rng.randbytes(rng.randrange(1, 5000))))
+    epochs.append(Epoch(edges))
     for tail_write in (tail, None):
-        writes, gaps = _plan_writes(rng, 0, reserve, cluster, tail_write)
+        writes, gaps = _plan_writes(rng, 0, reserve, cluster, island, tail_write)
         epochs.append(Epoch(writes, stable=gaps))
 
     shrink = rng.randrange(max(0, reserve - 64 * KiB), reserve)  # unaligned
-    writes, gaps = _plan_writes(rng, 0, shrink, cluster)
+    writes, gaps = _plan_writes(rng, 0, shrink, cluster, island)
     epochs.append(Epoch(writes, truncate=shrink, stable=gaps))
     current = shrink
     # Writes over what the truncate cut off (its clusters are done) and past the new end.
-    writes, gaps = _plan_writes(rng, shrink // 2, min(size + MiB, shrink + 2 * MiB), cluster)
+    writes, gaps = _plan_writes(
+        rng, shrink // 2, min(size + MiB, shrink + 2 * MiB), cluster, island
+    )
     epochs.append(Epoch(writes, stable=gaps))
     current = max([current] + [w.end for t in writes for w in t])
 
@@ -143,13 +170,13 @@ def plan_workload(rng: random.Random, size: int, cluster: int) -> Workload:
         regrow = max(current, size) + rng.randrange(1, MiB)
         if current < size and rng.random() < 0.5:
             regrow = rng.randrange(current + 1, size + 1)
-        writes, gaps = _plan_writes(rng, 0, current, cluster)
+        writes, gaps = _plan_writes(rng, 0, current, cluster, island)
         epochs.append(Epoch(writes, truncate=regrow, stable=gaps))
         current = regrow
-    writes, gaps = _plan_writes(rng, 0, current, cluster)
+    writes, gaps = _plan_writes(rng, 0, current, cluster, island)
     epochs.append(Epoch(writes, stable=gaps))
     direct = [rng.random() < 0.5 for _ in range(WRITERS)]
-    return Workload(epochs, direct, ftruncate=rng.random() < 0.5)
+    return Workload(epochs, direct, rng.random() < 0.5, island)
 
 
 def apply(model: bytearray, epoch: Epoch) -> None:
@@ -256,7 +283,7 @@ CASES = [
     (sync, cluster, seed)
     for sync in ("full", "top", "none")
     for cluster in (4 * KiB, 64 * KiB, MiB)
-    for seed in range(2)
+    for seed in range(3)
 ]
 
 
@@ -276,10 +303,13 @@ def test_random_concurrent_writes_keep_point_in_time(cowfs, tmp_path, sync, clus
         f.write(rng.randbytes(size % cluster))
         f.seek(size - size % cluster - cluster)  # and the last whole one (the truncate's)
         f.write(rng.randbytes(min(cluster, 64 * KiB)))
+    wl = plan_workload(rng, size, cluster)
+    with open(source, "r+b") as f:  # and the island, which `none` must not copy
+        f.seek(wl.island[0])
+        f.write(rng.randbytes(wl.island[1] - wl.island[0]))
     before = tmp_path / "before.img"
     shutil.copyfile(source, before)
     old = before.read_bytes()
-    wl = plan_workload(rng, size, cluster)
     model = bytearray(old)
 
     speed = str(int(size / COPY_SECONDS))
@@ -320,3 +350,54 @@ def test_random_concurrent_writes_keep_point_in_time(cowfs, tmp_path, sync, clus
         expected = nonzero_clusters(old, cluster)
     # Zero clusters are not written: the target holds no more than its non-zero clusters.
     assert allocated(m.target) <= data_bytes(expected, size, cluster) + ALLOCATION_SLACK
+
+
+@pytest.mark.parametrize("sync", ["full", "top", "none"])
+def test_holes_and_zero_clusters_stay_holes_in_the_target(cowfs, tmp_path, sync):
+    """A mostly empty image: 1 MiB of data, 4 MiB of written (allocated) zeros, the rest
+    holes. Writes hit all three kinds; the target must allocate no more than the data."""
+    size = 32 * MiB + 12345
+    rng = random.Random(sync)
+    source = tmp_path / "disk.img"
+    with open(source, "wb") as f:
+        f.truncate(size)
+        for offset in (3 * MiB + 777, 11 * MiB, 20 * MiB + 1, size - 256 * KiB):
+            f.seek(offset)
+            f.write(rng.randbytes(256 * KiB))
+        f.seek(14 * MiB)
+        f.write(bytes(4 * MiB))
+    assert allocated(source) >= 5 * MiB, "the zero run should be allocated in the source"
+    before = tmp_path / "before.img"
+    shutil.copyfile(source, before)
+    old = before.read_bytes()
+
+    writes = [
+        Write(offset, rng.randbytes(300 * KiB))
+        for offset in (3 * MiB, 11 * MiB + 5, 13 * MiB + 999, 14 * MiB + 3, 16 * MiB)
+    ] + [Write(size - 9, rng.randbytes(9))]
+    model = bytearray(old)
+    m = cowfs.mount(source, tmp_path / "target.img", "--sync", sync)
+    fd = os.open(m.live, os.O_RDWR)
+    try:
+        for w in writes:
+            assert os.pwrite(fd, w.data, w.offset) == len(w.data)
+            model[w.offset : w.end] = w.data
+    finally:
+        os.close(fd)
+    result = m.finish()
+    assert result.stdout.startswith("complete"), result.stdout + result.stderr
+    assert read_all(source) == model
+    target = read_all(m.target)
+    assert len(target) == size
+    if sync == "none":  # the old content of the overwritten clusters, zeros elsewhere
+        cluster = 64 * KiB
+        touched = clusters_touched(Workload([Epoch([writes])], [], False, (0, 0)), size, cluster)
+        for i in range(0, size, cluster):
+            got = target[i : i + cluster]
+            want = old[i : i + cluster] if i // cluster in touched else bytes(len(got))
+            assert got == want, f"target cluster {i // cluster} is wrong"
+    else:
+        assert target == old
+    assert allocated(m.target) <= MiB + 2 * 64 * KiB + ALLOCATION_SLACK, (
+        f"{allocated(m.target)} bytes allocated for 1 MiB of data"
+    )
