@@ -26,7 +26,7 @@ from .units import format_bytes, parse_size
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line, not argparse's usage block: the contract for bad input."""
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_ERROR, f"cowfs: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -252,6 +252,8 @@ class Job:
     def fail(self, reason: str) -> None:
         """End the job as failed; later writes go straight to the source."""
         log.error("backup failed: %s", reason)
+        if self.state is JobState.COMPLETE:
+            return  # the record already says complete, and rightly: the target is durable
         self.errors.append(reason)
         if self.state not in FINAL:
             self._end(JobState.FAILED)

@@ -58,13 +58,20 @@ def run_mount(req: MountRequest) -> int:
     preflight.check_mountpoint(mountpoint)
     preflight.check_target(target_path, source_st, mountpoint, req.force)
 
-    source_fd = _open_locked(source)
+    source_fd = _open_locked(source, "source")
+    if target_path.exists():  # --force: never replace a file another job is using
+        try:
+            os.close(_open_locked(target_path, "target"))
+        except CowfsError:
+            os.close(source_fd)
+            raise
     tmp = target_path.with_name(f".{target_path.name}.cowfs-{os.getpid()}.tmp")
     try:
         target = RawTarget.create(tmp, source_st.st_size)
     except OSError as e:
         os.close(source_fd)
         raise CowfsError(f"cannot create target {target_path}: {e.strerror}") from None
+    fcntl.flock(target.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: nobody else has it
 
     job = Job(source_fd, str(source), target, req.options)
     stop = trio.Event()
@@ -98,17 +105,18 @@ def run_mount(req: MountRequest) -> int:
     return EXIT_OK if job.state is JobState.COMPLETE else EXIT_INCOMPLETE
 
 
-def _open_locked(source: Path) -> int:
-    """Open the source read-write and hold an exclusive lock for the whole job."""
+def _open_locked(path: Path, role: str) -> int:
+    """Open `path` read-write holding an exclusive lock; every job locks its source and
+    its target this way for its whole life, so no other job can use or replace them."""
     try:
-        fd = os.open(source, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        raise CowfsError(f"cannot open source {source}: {e.strerror}") from None
+        raise CowfsError(f"cannot open {role} {path}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CowfsError(f"source {source} is in use by another cowfs job") from None
+        raise CowfsError(f"{role} {path} is in use by another cowfs job") from None
     return fd
 
 

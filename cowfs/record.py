@@ -80,6 +80,8 @@ def read_record(target: Path) -> Record:
         raise CowfsError(f"{target}: no cowfs record (expected {path})") from None
     except (OSError, ValueError) as e:
         raise CowfsError(f"{path}: unreadable record: {e}") from None
+    if not isinstance(raw, dict):
+        raise CowfsError(f"{path}: damaged record: not a JSON object")
     names = {f.name for f in fields(Record)}
     try:
         return Record(**{k: v for k, v in raw.items() if k in names})

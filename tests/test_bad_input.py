@@ -267,23 +267,7 @@ SAME_FILE: dict[str, Case] = {
 }
 
 
-SUBPARSER_PREFIX = pytest.mark.xfail(
-    strict=True,
-    reason="cowfs bug: argparse errors of the mount subcommand start 'cowfs mount: error:' "
-    "(the subparser's prog), not 'cowfs: error:' as every other bad input does",
-)
-ARGPARSE_SUBCOMMAND_ERRORS = {"missing --target", "unknown sync mode"}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(case, id=name, marks=[SUBPARSER_PREFIX])
-        if name in ARGPARSE_SUBCOMMAND_ERRORS
-        else pytest.param(case, id=name)
-        for name, case in CASES.items()
-    ],
-)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_refused(area: Path, case: Case) -> None:
     refuse(area, *case(area))
 

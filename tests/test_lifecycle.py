@@ -204,12 +204,6 @@ def test_second_mount_of_same_source_fails(
     assert files_equal(m.target, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cowfs bug: nothing locks a running job's target (nor its source path) against "
-    "--force of another job, which replaces the file under the first job; the first job "
-    "still reports complete",
-)
 @pytest.mark.parametrize("victim", ["target", "source"])
 def test_force_onto_a_file_of_a_running_job_fails(
     cowfs: CowfsRunner, source: Path, before: Path, tmp_path: Path, victim: str

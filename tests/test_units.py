@@ -154,12 +154,6 @@ def test_damaged_record_is_a_clear_error(tmp_path: Path, content: bytes) -> None
 NOT_AN_OBJECT = {"list": b"[]", "null": b"null", "string": b'"complete"', "number": b"1"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="read_record: valid JSON that is not an object raises AttributeError, "
-    "not CowfsError (cowfs info prints a traceback)",
-)
 @pytest.mark.parametrize("content", NOT_AN_OBJECT.values(), ids=NOT_AN_OBJECT.keys())
 def test_record_that_is_not_an_object_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
     target = tmp_path / "backup.img"
