@@ -21,10 +21,17 @@ async def show_progress(job: Job) -> None:
         file=sys.stderr,
         dynamic_ncols=True,
     ) as bar:
-        while True:
-            status = job.status()
-            bar.total = status["bytes_total"]
-            bar.n = status["bytes_done"]
-            bar.set_postfix_str(str(status["state"]), refresh=False)
-            bar.refresh()
-            await trio.sleep(REFRESH_S)
+        try:
+            while True:
+                _draw(bar, job)
+                await trio.sleep(REFRESH_S)
+        finally:
+            _draw(bar, job)  # the last state, not the one of half a second ago
+
+
+def _draw(bar: tqdm, job: Job) -> None:
+    status = job.status()
+    bar.total = status["bytes_total"]
+    bar.n = status["bytes_done"]
+    bar.set_postfix_str(str(status["state"]), refresh=False)
+    bar.refresh()
