@@ -1,0 +1,707 @@
+"""cowfs against QEMU's own backup job, side by side in one run, with ratios.
+
+Why one command: the issue's floors are relative (cowfs vs QEMU in the same run,
+vs `cp`), and figures from another day or another load on these shared 2-core
+machines mean little. So both sides run here in one time window, on the same
+image (`make_source_image`, seed 1), with the same writer process, offsets and
+data (the anchor's `workload`, seed+1000 as its `bench` uses) and the same speed
+limit, and the script prints ratios next to the issue's floors.
+
+QEMU's side is `../shared/anchors/qemu_backup.py` (the anchor): run as its own
+`bench` subprocess with only the phases needed, and imported (never copied) for
+its image, writer, comparison and latency helpers.
+
+Per repetition (medians over `--repeat`):
+  (a) 64K and 4K random writes through the mount during a full backup at
+      `--speed` (100M), vs the same writes through QEMU's FUSE export during
+      its backup job at the same speed. The cowfs target must equal the
+      pristine image afterwards, and the source the pristine image plus the writes.
+  (b) the same writes through an *idle* cowfs mount -- a full backup whose copier
+      has already finished (the job is still mounted, so every write still asks
+      the done bitmap) -- vs the plain file. QEMU's export with no job is shown too.
+  (c) full backup with no writer, unlimited: mount, immediately finish, until
+      `finish` returns (the daemon fsyncs the target first) plus an fsync, vs
+      QEMU's job (+fsync) and `cp --sparse=always` (+fsync).
+  (d) peak RSS (VmHWM) of the daemon on a 1 TiB sparse source: sync top (writes
+      through the mount, copier done, finish) and sync full (mount, status, cancel).
+
+Run as root with the project's venv:  .venv/bin/python scripts/bench.py
+Everything lives in a private directory under `--workdir`, removed unless `--keep`.
+Every mount, daemon and child is torn down on exit, Ctrl-C or SIGTERM.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from cowfs.control import CONTROL_XATTR, read_status
+
+REPO = Path(__file__).resolve().parent.parent
+COWFS = [sys.executable, "-m", "cowfs"]
+MiB = 1 << 20
+RSS_SOURCE_SIZE = 1 << 40
+RSS_LIMIT_MIB = 100
+POLL_S = 0.1
+"""Status polling interval, as the anchor polls QMP: cheap for the daemon (one getxattr)."""
+
+qb: ModuleType  # the anchor module, imported in main() from --anchors
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
+
+
+def import_anchor(directory: Path) -> ModuleType:
+    sys.path.insert(0, str(directory))
+    import qemu_backup  # the path is known only at run time
+
+    qemu_backup.QUIET = True
+    return qemu_backup
+
+
+# -- processes we start, and their teardown -----------------------------------------------
+
+
+def is_mounted(path: Path) -> bool:
+    return qb.is_mounted(str(path))
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+class CowfsMount:
+    """One `cowfs mount` daemon; `teardown()` is idempotent and always leaves nothing behind."""
+
+    live: Path
+
+    def __init__(self, source: Path, mountpoint: Path, target: Path, *options: str) -> None:
+        self.source, self.mountpoint, self.target = source, mountpoint, target
+        self.options = options
+        self.pid = 0
+
+    def start(self) -> "CowfsMount":
+        self.mountpoint.mkdir(exist_ok=True)
+        argv = [*COWFS, "mount", str(self.source), str(self.mountpoint)]
+        argv += ["--target", str(self.target), "--force", *self.options]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode:
+            self.teardown()
+            raise RuntimeError(f"cowfs mount failed: {done.stderr.strip()}")
+        try:
+            self.pid = int(self.status()["pid"])
+        except Exception as e:
+            self.teardown()
+            raise RuntimeError(f"cowfs mount returned 0 but: {e}; log: {self.log_tail()}") from e
+        self.live = self.mountpoint / self.source.name
+        return self
+
+    def log_tail(self) -> str:
+        try:
+            return Path(str(self.target) + ".cowfs.log").read_text()[-2000:]
+        except OSError as e:
+            return str(e)
+
+    def status(self) -> dict[str, Any]:
+        return read_status(self.mountpoint)
+
+    def copied(self) -> bool:
+        st = self.status()
+        return st["bytes_done"] >= st["bytes_total"]
+
+    def vm(self, field: str) -> int:
+        """A /proc/PID/status figure of the daemon in bytes (VmHWM, VmRSS)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
+    def finish(self) -> int:
+        done = subprocess.run(
+            [*COWFS, "finish", str(self.mountpoint)], capture_output=True, text=True, check=False
+        )
+        wait_for(lambda: pid_gone(self.pid), 60)
+        return done.returncode
+
+    def cancel(self) -> int:
+        done = subprocess.run(
+            [*COWFS, "cancel", str(self.mountpoint)], capture_output=True, text=True, check=False
+        )
+        wait_for(lambda: pid_gone(self.pid), 60)
+        return done.returncode
+
+    def teardown(self) -> None:
+        """Cancel (fast: no copying left to wait for), then lazy unmount, then SIGKILL."""
+        if self.pid and not pid_gone(self.pid) and is_mounted(self.mountpoint):
+            with suppress(OSError):
+                os.setxattr(self.mountpoint, CONTROL_XATTR, b"cancel")
+        if is_mounted(self.mountpoint) and not wait_for(lambda: not is_mounted(self.mountpoint), 5):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+        if self.pid and not wait_for(lambda: pid_gone(self.pid), 30):
+            os.kill(self.pid, signal.SIGKILL)
+            wait_for(lambda: pid_gone(self.pid), 10)
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+
+
+@contextmanager
+def cowfs_mount(source: Path, mnt: Path, target: Path, *options: str) -> Iterator[CowfsMount]:
+    m = CowfsMount(source, mnt, target, *options)
+    try:
+        yield m.start()
+    finally:
+        m.teardown()
+
+
+class Writer:
+    """The anchor's writer (`run_workload`: same offsets, data and statistics as its
+    `workload` subcommand) in a child process started *before* the mount exists: it opens
+    the file only on GO, so no writer start-up time passes between the point in time and
+    the first write (QEMU's writer is pre-started too, with its export already there)."""
+
+    def __init__(self, path: Path, wl: Any, tmpdir: Path, tag: str) -> None:
+        self.json_path, self.times_path = tmpdir / f"{tag}.json", tmpdir / f"{tag}.times"
+        spec = {"file": str(path), "size": wl.size, "bs": wl.bs, "total": wl.total,
+                "seed": wl.seed, "json": str(self.json_path),
+                "times": str(self.times_path)}  # fmt: skip
+        argv = [sys.executable, __file__, "--anchors", str(Path(qb.__file__).parent)]
+        self.p = subprocess.Popen(
+            [*argv, "--writer-child", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.p.stdin and self.p.stdout
+        if self.p.stdout.readline().strip() != "READY":
+            self.kill()
+            raise RuntimeError("the writer process did not get ready")
+
+    def go(self) -> None:
+        assert self.p.stdin
+        self.p.stdin.write("GO\n")
+        self.p.stdin.flush()
+
+    def done(self) -> bool:
+        return self.p.poll() is not None
+
+    def wait(self) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+        if self.p.wait():
+            raise RuntimeError(f"the writer failed with exit code {self.p.returncode}")
+        res = json.loads(self.json_path.read_text())
+        times = qb.load_times(str(self.times_path))
+        self.json_path.unlink()
+        self.times_path.unlink()
+        return res, times
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()  # our own child, by its pid
+        self.p.wait()
+
+
+def writer_child(spec_json: str) -> int:
+    """The child side of `Writer`: ready, wait for GO, then open and write."""
+    spec = json.loads(spec_json)
+    wl = qb.Workload(spec["size"], spec["bs"], spec["total"], "random", spec["seed"])
+    print("READY", flush=True)
+    if sys.stdin.readline().strip() != "GO":
+        return 2
+    res = qb.run_workload(spec["file"], wl, times_out=spec["times"])
+    Path(spec["json"]).write_text(json.dumps(res))
+    return 0
+
+
+@contextmanager
+def writer(path: Path, wl: Any, tmpdir: Path, tag: str) -> Iterator[Writer]:
+    w = Writer(path, wl, tmpdir, tag)
+    try:
+        yield w
+    finally:
+        w.kill()
+
+
+@contextmanager
+def py_spy(pid: int, out: Path | None) -> Iterator[None]:
+    """Optionally sample the daemon with py-spy (collapsed stacks) for the block's duration."""
+    if out is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    argv = [spy, "record", "--pid", str(pid), "--nonblocking", "--rate", "250"]
+    p = subprocess.Popen([*argv, "--format", "raw", "-o", str(out)], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # let it attach
+    try:
+        yield
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that every finally-block runs
+
+
+# -- the measurements -------------------------------------------------------------------
+
+
+class Bench:
+    """One run: a pristine image, then per repetition every phase of both sides."""
+
+    def __init__(self, args: argparse.Namespace, wd: Path) -> None:
+        self.a = args
+        self.wd = wd
+        self.pristine = wd / "pristine.raw"
+        self.mnt = wd / "mnt"
+        self.expected: dict[int, Path] = {}
+
+    def workload(self, bs: int) -> Any:
+        return qb.Workload(self.a.size, bs, self.a.total, "random", self.a.seed + 1000)
+
+    def prepare(self) -> None:
+        log(f"creating the {self.a.size / MiB:g} MiB source image (seed {self.a.seed})")
+        qb.make_source_image(str(self.pristine), self.a.size, self.a.seed)
+        for bs in self.a.bs:
+            p = self.wd / f"expected_{bs}.raw"
+            qb.sparse_copy(str(self.pristine), str(p))
+            qb.apply_workload(str(p), self.workload(bs))
+            self.expected[bs] = p
+
+    def fresh(self, name: str) -> Path:
+        p = self.wd / name
+        qb.sparse_copy(str(self.pristine), str(p))
+        os.sync()  # writeback of the copy must not disturb the next measurement
+        return p
+
+    def rm(self, *paths: Path) -> None:
+        for p in paths:
+            p.unlink(missing_ok=True)
+            Path(str(p) + ".cowfs.json").unlink(missing_ok=True)
+            Path(str(p) + ".cowfs.log").unlink(missing_ok=True)
+
+    def profile_path(self, tag: str) -> Path | None:
+        return Path(self.a.py_spy) / f"{tag}.txt" if self.a.py_spy else None
+
+    # -- QEMU's side: the anchor's own bench, only the phases asked for ------------------
+
+    def qemu(self, phases: str, bs: int, speed: int) -> dict[str, Any]:
+        out = self.wd / "qemu.json"
+        argv = [sys.executable, str(Path(qb.__file__)), "bench", "--source", str(self.pristine)]
+        argv += ["--phases", phases, "--bs", str(bs), "--total", str(self.a.total)]
+        argv += ["--sync", "full", "--repeat", "1", "--seed", str(self.a.seed)]
+        argv += ["--workdir", str(self.wd), "--json-out", str(out), "--quiet"]
+        if speed:
+            argv += ["--speed", str(speed)]
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = p.communicate()
+        finally:
+            if p.poll() is None:
+                p.terminate()  # the anchor turns SIGTERM into its own cleanup
+                p.wait()
+        if p.returncode not in (0, 1):
+            raise RuntimeError(f"anchor bench failed ({p.returncode}): {err[-2000:]}")
+        result = json.loads(out.read_text())
+        out.unlink()
+        rep = result["repeats"][0]
+        rep["ok"] = result["ok"]
+        return rep
+
+    # -- (a) writes during a rate-limited full backup ------------------------------------
+
+    def cowfs_backup(self, bs: int) -> dict[str, Any]:
+        src, tgt = self.fresh("cowfs_src.raw"), self.wd / "cowfs_tgt.raw"
+        wl = self.workload(bs)
+        speed = ("--speed", str(self.a.speed))
+        with (
+            writer(self.mnt / src.name, wl, self.wd, f"cowfs_{bs}") as w,
+            cowfs_mount(src, self.mnt, tgt, "--sync", "full", *speed) as m,
+        ):
+            at_go = m.status()["bytes_done"]
+            with py_spy(m.pid, self.profile_path(f"a_{bs}")):
+                w.go()
+                t_copied = self._wait_copied(m, w)
+            wres, times = w.wait()
+            st = m.status()
+            rc = m.finish()
+        wres["during_job"] = qb.split_writer_by_time(times, t_copied, bs)
+        out = {
+            "writer": wres,
+            "bytes_done_at_go": at_go,
+            "bytes_cbw": st["bytes_cbw"],
+            "bytes_copier": st["bytes_copier"],
+            "finish_rc": rc,
+            "verify": qb.compare_files(str(tgt), str(self.pristine)),
+            "source_check": qb.compare_files(str(src), str(self.expected[bs])),
+        }
+        self.rm(src, tgt)
+        return out
+
+    def _wait_copied(self, m: CowfsMount, w: Writer) -> int:
+        """Poll until the copier has copied everything and the writer is done; returns
+        the monotonic ns at which the copy was first seen complete."""
+        t_copied = 0
+        deadline = time.monotonic() + 3600
+        while not (t_copied and w.done()):
+            if not t_copied and m.copied():
+                t_copied = qb.mono()
+            if time.monotonic() > deadline:
+                raise TimeoutError("cowfs backup did not finish within an hour")
+            time.sleep(POLL_S)
+        return t_copied
+
+    # -- (b) writes through an idle mount, and on the plain file -------------------------
+
+    def cowfs_idle(self, bs: int) -> dict[str, Any]:
+        src, tgt = self.fresh("idle_src.raw"), self.wd / "idle_tgt.raw"
+        with cowfs_mount(src, self.mnt, tgt, "--sync", "full") as m:
+            if not wait_for(m.copied, 600, POLL_S):
+                raise TimeoutError("the idle mount's copier did not finish")
+            os.sync()  # the copier's writeback must not land in the writer's window
+            wl = self.workload(bs)
+            with (
+                writer(m.live, wl, self.wd, f"idle_{bs}") as w,
+                py_spy(m.pid, self.profile_path(f"b_{bs}")),
+            ):
+                w.go()
+                wres, _ = w.wait()
+            rc = m.finish()
+        out = {
+            "writer": wres,
+            "finish_rc": rc,
+            "verify": qb.compare_files(str(tgt), str(self.pristine)),
+            "source_check": qb.compare_files(str(src), str(self.expected[bs])),
+        }
+        self.rm(src, tgt)
+        return out
+
+    def plain(self, bs: int) -> dict[str, Any]:
+        src = self.fresh("plain.raw")
+        with writer(src, self.workload(bs), self.wd, f"plain_{bs}") as w:
+            w.go()
+            wres, _ = w.wait()
+        self.rm(src)
+        return {"writer": wres}
+
+    # -- (c) full backup with no writer ----------------------------------------------
+
+    def cowfs_nowriter(self) -> dict[str, Any]:
+        src, tgt = self.fresh("nowriter_src.raw"), self.wd / "nowriter_tgt.raw"
+        t0 = qb.mono()
+        with cowfs_mount(src, self.mnt, tgt, "--sync", "full") as m:
+            t1 = qb.mono()
+            rc = m.finish()
+            t2 = qb.mono()
+        fsync_s, _ = qb.timed(qb.fsync_path, str(tgt))
+        record = json.loads(Path(str(tgt) + ".cowfs.json").read_text())
+        out = {
+            "mount_s": round((t1 - t0) / 1e9, 4),
+            "finish_s": round((t2 - t1) / 1e9, 4),
+            "fsync_s": round(fsync_s, 4),
+            "job_plus_fsync_s": round((t2 - t1) / 1e9 + fsync_s, 4),
+            "with_mount_s": round((t2 - t0) / 1e9 + fsync_s, 4),
+            "record_duration_s": record["duration_s"],
+            "finish_rc": rc,
+            "verify": qb.compare_files(str(tgt), str(self.pristine)),
+        }
+        self.rm(src, tgt)
+        return out
+
+    def cp(self) -> dict[str, Any]:
+        dst = self.wd / "cp_target.raw"
+        os.sync()
+        cp_s, _ = qb.timed(qb.sparse_copy, str(self.pristine), str(dst))
+        fsync_s, _ = qb.timed(qb.fsync_path, str(dst))
+        self.rm(dst)
+        return {"cp_s": round(cp_s, 4), "cp_total_s": round(cp_s + fsync_s, 4)}
+
+    # -- (d) memory on a 1 TiB sparse source ---------------------------------------------
+
+    def rss(self) -> dict[str, Any]:
+        src, tgt = self.wd / "huge.raw", self.wd / "huge_tgt.raw"
+        make_huge_sparse(src)
+        out: dict[str, Any] = {}
+        try:
+            out["top"] = self._rss_top(src, tgt)
+            self.rm(tgt)
+            out["full"] = self._rss_full(src, tgt)
+        finally:
+            self.rm(src, tgt)
+        return out
+
+    def _rss_top(self, src: Path, tgt: Path) -> dict[str, Any]:
+        t0 = qb.mono()
+        with cowfs_mount(src, self.mnt, tgt, "--sync", "top") as m:
+            mount_s = (qb.mono() - t0) / 1e9
+            write_spread(m.live, RSS_SOURCE_SIZE, count=64)
+            copied = wait_for(m.copied, 300, POLL_S)
+            st = m.status()
+            hwm, rss = m.vm("VmHWM"), m.vm("VmRSS")
+            rc = m.finish()
+        return {"mount_s": round(mount_s, 3), "copied": copied, "bytes_total": st["bytes_total"],
+                "vm_hwm_mib": round(hwm / MiB, 1), "vm_rss_mib": round(rss / MiB, 1),
+                "finish_rc": rc}  # fmt: skip
+
+    def _rss_full(self, src: Path, tgt: Path) -> dict[str, Any]:
+        t0 = qb.mono()
+        with cowfs_mount(src, self.mnt, tgt, "--sync", "full") as m:
+            mount_s = (qb.mono() - t0) / 1e9
+            st = m.status()
+            hwm, rss = m.vm("VmHWM"), m.vm("VmRSS")
+            rc = m.cancel()
+        return {"mount_s": round(mount_s, 3), "bytes_total": st["bytes_total"],
+                "vm_hwm_mib": round(hwm / MiB, 1), "vm_rss_mib": round(rss / MiB, 1),
+                "cancel_rc": rc}  # fmt: skip
+
+    # -- driver ------------------------------------------------------------------------------
+
+    def repetition(self, rep: int) -> dict[str, Any]:
+        r: dict[str, Any] = {"a": {}, "b": {}}
+        n = f"rep {rep + 1}/{self.a.repeat}"
+        for bs in self.a.bs:
+            log(f"{n} (a) bs={bs}: QEMU export + backup job at {self.a.speed} B/s")
+            q = self.qemu("fuse,backup", bs, self.a.speed)
+            log(f"{n} (a) bs={bs}: cowfs mount + full backup at {self.a.speed} B/s")
+            r["a"][bs] = {"qemu": q, "cowfs": self.cowfs_backup(bs)}
+            log(f"{n} (b) bs={bs}: idle cowfs mount, plain file")
+            r["b"][bs] = {"cowfs": self.cowfs_idle(bs), "plain": self.plain(bs)}
+        log(f"{n} (c) no writer: QEMU job, cowfs, cp --sparse=always")
+        r["c"] = {
+            "qemu": self.qemu("nowriter", self.a.bs[0], 0),
+            "cowfs": self.cowfs_nowriter(),
+            "cp": self.cp(),
+        }
+        if not self.a.no_rss:
+            log(f"{n} (d) 1 TiB sparse source: daemon peak RSS")
+            r["d"] = self.rss()
+        return r
+
+
+def make_huge_sparse(path: Path) -> None:
+    """A 1 TiB sparse image with 64 MiB of data in 1 MiB pieces spread over it."""
+    with open(path, "wb") as f:
+        f.truncate(RSS_SOURCE_SIZE)
+    write_spread(path, RSS_SOURCE_SIZE, count=64, seed=7)
+
+
+def write_spread(path: Path, size: int, count: int, seed: int = 3) -> None:
+    """`count` 1 MiB writes at spread, MiB-aligned offsets."""
+    data = os.urandom(MiB)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        step = size // count
+        for i in range(count):
+            os.pwrite(fd, data, i * step + (seed * (i + 1) * MiB) % (step - MiB))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- figures, ratios, floors ----------------------------------------------------------------
+
+
+def _rows(sizes: list[int]) -> list[tuple[str, str, str, str, str]]:
+    """(label, cowfs key, reference key, unit, floor on the ratio) of the table."""
+    rows = []
+    for bs in sizes:
+        k = f"{bs // 1024}K"
+        rows += [
+            (f"(a) {k} writes during backup", f"a.{bs}.cowfs.writer.mib_s",
+             f"a.{bs}.qemu.backup.writer.mib_s", "MiB/s", ">=1 (vs QEMU)"),
+            (f"(a) {k} p99 latency", f"a.{bs}.cowfs.writer.lat_us.p99",
+             f"a.{bs}.qemu.backup.writer.lat_us.p99", "us", ""),
+            (f"(a) {k} during copy only", f"a.{bs}.cowfs.writer.during_job.mib_s",
+             f"a.{bs}.qemu.backup.writer.during_job.mib_s", "MiB/s", ">=1 (vs QEMU)"),
+            (f"(b) {k} idle mount vs plain", f"b.{bs}.cowfs.writer.mib_s",
+             f"b.{bs}.plain.writer.mib_s", "MiB/s", ""),
+            (f"(b) {k} idle p99 vs plain", f"b.{bs}.cowfs.writer.lat_us.p99",
+             f"b.{bs}.plain.writer.lat_us.p99", "us", ""),
+            (f"(b) {k} idle mount vs QEMU idle", f"b.{bs}.cowfs.writer.mib_s",
+             f"a.{bs}.qemu.fuse.writer.mib_s", "MiB/s", ""),
+        ]  # fmt: skip
+    rows += [
+        ("(c) full backup vs QEMU job", "c.cowfs.job_plus_fsync_s",
+         "c.qemu.nowriter.job_plus_fsync_s", "s", "<=1"),
+        ("(c) full backup vs cp+fsync", "c.cowfs.job_plus_fsync_s", "c.cp.cp_total_s", "s",
+         "<=3"),
+        ("(c) incl. mount vs cp+fsync", "c.cowfs.with_mount_s", "c.cp.cp_total_s", "s", ""),
+        ("(d) RSS 1 TiB top (limit)", "d.top.vm_hwm_mib", "limit", "MiB", "<1"),
+        ("(d) RSS 1 TiB full (limit)", "d.full.vm_hwm_mib", "limit", "MiB", "<1"),
+    ]  # fmt: skip
+    return rows
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, bool | int | float):
+            out[key] = v
+    return out
+
+
+def medians(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    flat = [flatten(r) for r in reps]
+    keys = {k for f in flat for k in f}
+    out: dict[str, Any] = {}
+    for k in sorted(keys):
+        vals = [f[k] for f in flat if k in f]
+        out[k] = all(vals) if isinstance(vals[0], bool) else statistics.median(vals)
+    return out
+
+
+def floor_ok(ratio: float, floor: str) -> str:
+    """'ok' or 'MISSED' for a floor such as '>=1 (vs QEMU)', '<=3' or '<1'; '' if none."""
+    if not floor:
+        return ""
+    spec = floor.split()[0]
+    op = spec.rstrip("0123456789.")
+    bound = float(spec[len(op) :])
+    ok = {">=": ratio >= bound, "<=": ratio <= bound, "<": ratio < bound}[op]
+    return "ok" if ok else "MISSED"
+
+
+def table(med: dict[str, Any], sizes: list[int]) -> tuple[list[dict[str, Any]], str]:
+    rows, lines = [], []
+    head = f"{'measure':34} {'cowfs':>9} {'reference':>10} {'ratio':>7} {'unit':6} floor"
+    lines += [head, "-" * len(head)]
+    for label, key, ref_key, unit, floor in _rows(sizes):
+        mine = med.get(key)
+        ref = RSS_LIMIT_MIB if ref_key == "limit" else med.get(ref_key)
+        if mine is None or not ref:
+            continue
+        ratio = mine / ref
+        verdict = floor_ok(ratio, floor)
+        rows.append({"measure": label, "cowfs": mine, "reference": ref, "ratio": ratio,
+                     "unit": unit, "floor": floor, "verdict": verdict})  # fmt: skip
+        lines.append(
+            f"{label:34} {mine:9.4g} {ref:10.4g} {ratio:7.3f} {unit:6} {floor} {verdict}".rstrip()
+        )
+    return rows, "\n".join(lines)
+
+
+def checks(med: dict[str, Any]) -> dict[str, bool]:
+    """Every correctness check of the run, by key (medians of booleans are all())."""
+    out = {k: v for k, v in med.items() if k.endswith(".equal") or k.endswith(".ok")}
+    out |= {k: v == 0 for k, v in med.items() if k.endswith("finish_rc")}
+    out |= {k: v for k, v in med.items() if k.endswith(".copied")}
+    return out
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="1G", help="source image size (default 1G)")
+    p.add_argument("--total", default="256M", help="bytes per writer run (default 256M)")
+    p.add_argument("--bs", default="64K,4K", help="writer block sizes (default 64K,4K)")
+    p.add_argument("--speed", default="100M", help="backup speed limit in (a) (default 100M)")
+    p.add_argument("--repeat", type=int, default=1, help="repetitions; medians are reported")
+    p.add_argument("--seed", type=int, default=1, help="image seed; the writer uses seed+1000")
+    p.add_argument("--workdir", default="/var/tmp", help="parent of the private work directory")
+    p.add_argument(
+        "--anchors",
+        default=str(REPO.parent / "shared" / "anchors"),
+        help="directory of qemu_backup.py (default <repo>/../shared/anchors)",
+    )
+    p.add_argument("--no-rss", action="store_true", help="skip (d), the 1 TiB memory check")
+    p.add_argument("--py-spy", metavar="DIR", help="profile the daemon during (a)/(b) into DIR")
+    p.add_argument("--json-out", help="also write the JSON result here")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--writer-child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    return a
+
+
+def normalise(a: argparse.Namespace) -> None:
+    a.size = qb.parse_size(a.size)
+    a.total = qb.parse_size(a.total)
+    a.speed = qb.parse_size(a.speed)
+    a.bs = [qb.parse_size(s) for s in a.bs.split(",")]
+    if a.py_spy:
+        Path(a.py_spy).mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global qb
+    args = parse_args(argv)
+    qb = import_anchor(Path(args.anchors))
+    if args.writer_child:
+        return writer_child(args.writer_child)
+    normalise(args)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    base = Path(args.workdir).absolute()
+    wd = Path(tempfile.mkdtemp(prefix="cowfs_bench_", dir=base))
+    result: dict[str, Any] = {"config": vars(args), "meta": qb.machine_info(str(wd))}
+    t0 = time.monotonic()
+    try:
+        bench = Bench(args, wd)
+        bench.prepare()
+        reps = [bench.repetition(i) for i in range(args.repeat)]
+    finally:
+        if args.keep:
+            log(f"kept {wd}")
+        else:
+            shutil.rmtree(wd, ignore_errors=True)
+    return report(result, reps, args, time.monotonic() - t0)
+
+
+def report(result: dict[str, Any], reps: list, args: argparse.Namespace, elapsed: float) -> int:
+    med = medians(reps)
+    rows, text = table(med, args.bs)
+    ok = checks(med)
+    result |= {"repeats": reps, "median": med, "ratios": rows, "checks": ok,
+               "ok": all(ok.values()), "elapsed_s": round(elapsed, 1)}  # fmt: skip
+    result["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    m = result["meta"]
+    print(
+        f"cowfs bench: size {args.size // MiB} MiB, {args.total // MiB} MiB random writes, "
+        f"speed {args.speed // MiB} MiB/s in (a), {args.repeat} repetition(s), medians; "
+        f"{m['workdir_fs']['fstype']}, {m['cpus']} cpus, "
+        f"load {m['loadavg_start'][0]} -> {m['loadavg_end'][0]}, {elapsed:.0f} s"
+    )
+    print("(b) idle mount = a full backup whose copier has finished, still mounted")
+    print("ratio = cowfs / reference: higher is better for MiB/s, lower for us, s and MiB")
+    print(text)
+    bad = [k for k, v in ok.items() if not v]
+    print(f"verification: {'PASS' if not bad else 'FAIL ' + ', '.join(bad)} ({len(ok)} checks)")
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
