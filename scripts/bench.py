@@ -636,6 +636,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=str(REPO.parent / "shared" / "anchors"),
         help="directory of qemu_backup.py (default <repo>/../shared/anchors)",
     )
+    p.add_argument(
+        "--cpus",
+        help="pin this process and all it starts (daemons, QSD, writers) to these CPUs, "
+        "e.g. 0: on these VMs a FUSE round trip between two CPUs costs ~40 us more "
+        "than on one, and the scheduler's choice flips run to run (default: unpinned)",
+    )
     p.add_argument("--no-rss", action="store_true", help="skip (d), the 1 TiB memory check")
     p.add_argument("--py-spy", metavar="DIR", help="profile the daemon during (a)/(b) into DIR")
     p.add_argument("--json-out", help="also write the JSON result here")
@@ -652,6 +658,8 @@ def normalise(a: argparse.Namespace) -> None:
     a.bs = [qb.parse_size(s) for s in a.bs.split(",")]
     if a.py_spy:
         Path(a.py_spy).mkdir(parents=True, exist_ok=True)
+    if a.cpus:
+        os.sched_setaffinity(0, {int(c) for c in a.cpus.split(",")})  # children inherit it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -692,7 +700,7 @@ def report(result: dict[str, Any], reps: list, args: argparse.Namespace, elapsed
     print(
         f"cowfs bench: size {args.size // MiB} MiB, {args.total // MiB} MiB random writes, "
         f"speed {args.speed // MiB} MiB/s in (a), {args.repeat} repetition(s), medians; "
-        f"{m['workdir_fs']['fstype']}, {m['cpus']} cpus, "
+        f"{m['workdir_fs']['fstype']}, {m['cpus']} cpus (pinned: {args.cpus or 'no'}), "
         f"load {m['loadavg_start'][0]} -> {m['loadavg_end'][0]}, {elapsed:.0f} s"
     )
     print("(b) idle mount = a full backup whose copier has finished, still mounted")
