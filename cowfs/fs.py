@@ -1,6 +1,7 @@
 """The FUSE operations: a thin pyfuse3 adapter presenting the source as one live file.
 
-The mount's root holds exactly one file, named like the source. Every mutating
+The mount's root lists exactly one file, named like the source; the hidden
+control file (control.py) answers only to its name. Every mutating
 operation asks the job for copy-before-write first, then touches the source.
 Must never raise anything but FUSEError out of a handler: pyfuse3 would tear
 the mount down. One error boundary (`_boundary`) turns OSError into its errno
@@ -19,13 +20,14 @@ from typing import Any
 import pyfuse3
 import trio
 
-from .control import CONTROL_XATTR, STATUS_XATTR, ControlServer
+from .control import CONTROL_NAME, ControlServer
 from .job import Job
 
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 LIVE = ROOT + 1
+CONTROL = ROOT + 2
 ATTR_TIMEOUT = 1.0
 """Only this mount changes the source (it is locked), so the kernel may cache attributes."""
 
@@ -56,6 +58,9 @@ class LiveFS(pyfuse3.Operations):
         self.fd = job.source_fd
         self.name = name.encode()
         self.control = control
+        self.control_name = CONTROL_NAME.encode()
+        self.snapshots: dict[int, bytes] = {}  # control file handle -> status read at open
+        self.next_fh = CONTROL + 1
         self.created_ns = time.time_ns()
 
     # -- attributes -----------------------------------------------------------
@@ -66,9 +71,9 @@ class LiveFS(pyfuse3.Operations):
         attrs.attr_timeout = ATTR_TIMEOUT
         attrs.entry_timeout = ATTR_TIMEOUT
         attrs.st_blksize = 4096
-        if inode == ROOT:
-            attrs.st_mode = stat.S_IFDIR | 0o755
-            attrs.st_nlink = 2
+        if inode in (ROOT, CONTROL):
+            attrs.st_mode = stat.S_IFDIR | 0o755 if inode == ROOT else stat.S_IFREG | 0o600
+            attrs.st_nlink = 2 if inode == ROOT else 1
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.created_ns
             return attrs
         st = os.fstat(self.fd)
@@ -87,6 +92,8 @@ class LiveFS(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx):
         if parent_inode == ROOT and name == self.name:
             return self._attrs(LIVE)
+        if parent_inode == ROOT and name == self.control_name:
+            return self._attrs(CONTROL)
         if parent_inode == ROOT and name == b"..":
             return self._attrs(ROOT)
         raise pyfuse3.FUSEError(errno.ENOENT)
@@ -97,6 +104,8 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode == CONTROL:
+            return self._attrs(inode)  # opening it for writing truncates: nothing to do
         if inode != LIVE:
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_size:
@@ -136,16 +145,30 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode, flags, ctx):
+        if inode == CONTROL:
+            fh = self.next_fh
+            self.next_fh += 1
+            self.snapshots[fh] = self.control.status()
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)  # never cached: always fresh
         if inode != LIVE:
             raise pyfuse3.FUSEError(errno.EISDIR)
         return pyfuse3.FileInfo(fh=LIVE)
 
     @_boundary
     async def read(self, fh, off, size):
+        if fh != LIVE:
+            return self.snapshots[fh][off : off + size]
         return os.pread(self.fd, size, off)
 
     @_boundary
     async def write(self, fh, off, buf):
+        if fh != LIVE:
+            try:
+                self.control.command(buf)
+            except ValueError as e:
+                log.warning("%s", e)
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            return len(buf)
         await self.job.copy_before_write(off, len(buf))
         return os.pwrite(self.fd, buf, off)
 
@@ -159,7 +182,9 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh):
-        pass
+        if fh != LIVE:
+            del self.snapshots[fh]
+            self.control.closed()
 
     # -- the root directory -------------------------------------------------------
 
@@ -177,25 +202,3 @@ class LiveFS(pyfuse3.Operations):
     @_boundary
     async def releasedir(self, fh):
         pass
-
-    # -- control (extended attributes on the root) -------------------------------
-
-    @_boundary
-    async def getxattr(self, inode, name, ctx):
-        if inode == ROOT and name == STATUS_XATTR.encode():
-            return self.control.status()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    @_boundary
-    async def setxattr(self, inode, name, value, ctx):
-        if inode != ROOT or name != CONTROL_XATTR.encode():
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
-        try:
-            self.control.command(value)
-        except ValueError as e:
-            log.warning("%s", e)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-
-    @_boundary
-    async def listxattr(self, inode, ctx):
-        return [STATUS_XATTR.encode()] if inode == ROOT else []

@@ -75,7 +75,7 @@ def run_mount(req: MountRequest) -> int:
 
     job = Job(source_fd, str(source), target, req.options)
     stop = trio.Event()
-    control = ControlServer(job, str(mountpoint), on_cancel=stop.set)
+    control = ControlServer(job, str(mountpoint), stop_serving=stop.set)
     fs = LiveFS(job, source.name, control)
     try:
         pyfuse3.init(fs, str(mountpoint), set(pyfuse3.default_options) | MOUNT_OPTIONS)
@@ -151,7 +151,7 @@ async def _cancel_on_signals(job: Job, stop: trio.Event) -> None:
 
 async def _stop_serving_when(stop: trio.Event) -> None:
     """Leave pyfuse3.main() from a task of its own, so that the request asking for it
-    (a cancel through the control xattr) is answered first. Cancelled as soon as main()
+    (a cancel through the control file) is answered first. Cancelled as soon as main()
     returns: terminate() after close() would touch a freed session."""
     await stop.wait()
     pyfuse3.terminate()

@@ -46,7 +46,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from cowfs.control import CONTROL_XATTR, read_status
+from cowfs.control import read_status, send_command
+from cowfs.errors import CowfsError
 
 REPO = Path(__file__).resolve().parent.parent
 COWFS = [sys.executable, "-m", "cowfs"]
@@ -54,7 +55,7 @@ MiB = 1 << 20
 RSS_SOURCE_SIZE = 1 << 40
 RSS_LIMIT_MIB = 100
 POLL_S = 0.1
-"""Status polling interval, as the anchor polls QMP: cheap for the daemon (one getxattr)."""
+"""Status polling interval, as the anchor polls QMP: cheap for the daemon (one control read)."""
 
 qb: ModuleType  # the anchor module, imported in main() from --anchors
 
@@ -159,8 +160,8 @@ class CowfsMount:
     def teardown(self) -> None:
         """Cancel (fast: no copying left to wait for), then lazy unmount, then SIGKILL."""
         if self.pid and not pid_gone(self.pid) and is_mounted(self.mountpoint):
-            with suppress(OSError):
-                os.setxattr(self.mountpoint, CONTROL_XATTR, b"cancel")
+            with suppress(CowfsError):
+                send_command(self.mountpoint, "cancel")
         if is_mounted(self.mountpoint) and not wait_for(lambda: not is_mounted(self.mountpoint), 5):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
         if self.pid and not wait_for(lambda: pid_gone(self.pid), 30):
