@@ -5,10 +5,11 @@ copy-before-write can run it inline; both get the same zero handling. Never
 decides which clusters to copy or marks anything done: that is the job's.
 """
 
+import functools
 import os
 from typing import Protocol
 
-_ZERO = bytes(16 << 20)  # the largest cluster size; slices of it compare against a cluster
+_ZERO = bytes(16 << 20)  # the largest cluster size: enough zeros for any padding
 
 
 class Target(Protocol):
@@ -16,9 +17,15 @@ class Target(Protocol):
     def write_zeroes(self, offset: int, length: int) -> None: ...
 
 
-def _is_zero(chunk: memoryview) -> bool:
-    # bytes(...) == bytes is a memcmp; comparing memoryviews directly is 25x slower.
-    return chunk[0] == 0 and bytes(chunk) == _ZERO[: len(chunk)]
+@functools.cache
+def _zeros(length: int) -> bytes:
+    return bytes(length)
+
+
+def _is_zero(buf: bytearray, pos: int, length: int) -> bool:
+    # startswith is a memcmp in place: 0.9 us per 64 KiB, where bytes(view) == zeros
+    # copies first (2.1 us) and comparing memoryviews is 25x slower still.
+    return buf[pos] == 0 and buf.startswith(_zeros(length), pos, pos + length)
 
 
 def copy_range(
@@ -44,13 +51,13 @@ def copy_range(
     written = 0
     run_start = None  # start of the current run of non-zero clusters
     for pos in range(0, length, cluster_size):
-        chunk = view[pos : pos + cluster_size]
-        if _is_zero(chunk):
+        size = min(cluster_size, length - pos)
+        if _is_zero(buf, pos, size):
             if run_start is not None:
                 target.write(offset + run_start, view[run_start:pos])
                 written += pos - run_start
                 run_start = None
-            target.write_zeroes(offset + pos, len(chunk))
+            target.write_zeroes(offset + pos, size)
         elif run_start is None:
             run_start = pos
     if run_start is not None:
