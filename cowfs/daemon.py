@@ -53,6 +53,7 @@ def daemonize(log_file: Path) -> Readiness:
         )
     os.close(read_fd)
     os.setsid()
+    os.chdir("/")  # hold no directory busy: every path is absolute by now
     devnull = os.open(os.devnull, os.O_RDWR)
     log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(devnull, 0)

@@ -158,7 +158,14 @@ class LiveFS(pyfuse3.Operations):
     async def read(self, fh, off, size):
         if fh != LIVE:
             return self.snapshots[fh][off : off + size]
-        return os.pread(self.fd, size, off)
+        buf = bytearray(size)
+        try:  # from the page cache without blocking, or else in a thread
+            got = os.preadv(self.fd, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            got = -1
+        if got < size:
+            got = await trio.to_thread.run_sync(os.preadv, self.fd, [buf], off)
+        return memoryview(buf)[:got]
 
     @_boundary
     async def write(self, fh, off, buf):

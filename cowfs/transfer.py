@@ -29,7 +29,13 @@ def _is_zero(buf: bytearray, pos: int, length: int) -> bool:
 
 
 def copy_range(
-    source_fd: int, target: Target, offset: int, length: int, cluster_size: int, buf: bytearray
+    source_fd: int,
+    target: Target,
+    offset: int,
+    length: int,
+    cluster_size: int,
+    buf: bytearray,
+    nowait: bool = False,
 ) -> int:
     """Copy [offset, offset+length) cluster by cluster; returns the bytes written.
 
@@ -37,9 +43,13 @@ def copy_range(
     of the image. Bytes past the source's current end read as zeros (the
     source shrank after the point in time only through copy-before-write, so
     this happens only for clusters whose old content was zero anyway).
+    With `nowait`, raises BlockingIOError before writing anything unless the
+    whole range is in the page cache: the caller then copies in a thread.
     """
     view = memoryview(buf)[:length]
-    got = os.preadv(source_fd, [view], offset)
+    got = os.preadv(source_fd, [view], offset, os.RWF_NOWAIT if nowait else 0)
+    if nowait and got < length:
+        raise BlockingIOError(f"{length - got} bytes at {offset + got} not cached")
     while 0 < got < length:  # short read: retry for the rest, stop at EOF
         more = os.preadv(source_fd, [view[got:]], offset + got)
         if more == 0:
