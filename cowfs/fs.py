@@ -20,6 +20,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from .busypoll import BusyPoller
 from .control import CONTROL_NAME, ControlServer
 from .job import Job
 
@@ -52,8 +53,9 @@ def _boundary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
 class LiveFS(pyfuse3.Operations):
     """A directory with one file, the live image; writes copy old clusters first."""
 
-    def __init__(self, job: Job, name: str, control: ControlServer) -> None:
+    def __init__(self, job: Job, name: str, control: ControlServer, poller: BusyPoller) -> None:
         super().__init__()
+        self.poller = poller
         self.job = job
         self.fd = job.source_fd
         self.name = name.encode()
@@ -158,6 +160,7 @@ class LiveFS(pyfuse3.Operations):
     async def read(self, fh, off, size):
         if fh != LIVE:
             return self.snapshots[fh][off : off + size]
+        self.poller.request_seen()
         buf = bytearray(size)
         try:  # from the page cache without blocking, or else in a thread
             got = os.preadv(self.fd, [buf], off, os.RWF_NOWAIT)
@@ -176,6 +179,7 @@ class LiveFS(pyfuse3.Operations):
                 log.warning("%s", e)
                 raise pyfuse3.FUSEError(errno.EINVAL) from None
             return len(buf)
+        self.poller.request_seen()
         await self.job.copy_before_write(off, len(buf))
         return os.pwrite(self.fd, buf, off)
 

@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from . import preflight
+from .busypoll import BusyPoller
 from .control import ControlServer
 from .copier import copy_in_background
 from .daemon import Readiness, daemonize
@@ -76,7 +77,8 @@ def run_mount(req: MountRequest) -> int:
     job = Job(source_fd, str(source), target, req.options)
     stop = trio.Event()
     control = ControlServer(job, str(mountpoint), stop_serving=stop.set)
-    fs = LiveFS(job, source.name, control)
+    poller = BusyPoller()
+    fs = LiveFS(job, source.name, control, poller)
     try:
         pyfuse3.init(fs, str(mountpoint), set(pyfuse3.default_options) | MOUNT_OPTIONS)
     except Exception as e:  # pyfuse3 raises RuntimeError with libfuse's reason
@@ -95,7 +97,7 @@ def run_mount(req: MountRequest) -> int:
         readiness = daemonize(log_path(target_path))
         setup_logging(log_path(target_path), req.debug)
     try:
-        trio.run(_serve, job, stop, readiness, req.progress)
+        trio.run(_serve, job, poller, stop, readiness, req.progress)
     except BaseException as e:
         readiness.failed(f"cowfs daemon failed: {e!r}")
         raise
@@ -120,7 +122,9 @@ def _open_locked(path: Path, role: str) -> int:
     return fd
 
 
-async def _serve(job: Job, stop: trio.Event, readiness: Readiness, progress: bool) -> None:
+async def _serve(
+    job: Job, poller: BusyPoller, stop: trio.Event, readiness: Readiness, progress: bool
+) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(copy_in_background, job)  # fixes the point in time
         _write_record(job)
@@ -132,6 +136,7 @@ async def _serve(job: Job, stop: trio.Event, readiness: Readiness, progress: boo
         try:
             async with trio.open_nursery() as serving:
                 serving.start_soon(_stop_serving_when, stop)
+                serving.start_soon(poller.run)
                 await pyfuse3.main()
                 serving.cancel_scope.cancel()
         finally:

@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from cowfs.busypoll import BusyPoller
 from cowfs.copier import copy_in_background
 from cowfs.job import Job, JobOptions, JobState, SyncMode
 from cowfs.locks import ClusterClaims
@@ -149,3 +150,22 @@ async def test_claims_waiters_wake_on_release() -> None:
             assert claims.is_claimed(6)
             claims.release(6, 1)
     assert woke == [5, 5, 5, 6]
+
+
+async def test_busy_poller_spins_after_a_request_then_sleeps() -> None:
+    """It must poll after a request (the point) and stop once a window passes (the cost)."""
+    poller = BusyPoller(window=0.01)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poller.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not poller.polling
+        poller.request_seen()
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        assert poller.polling
+        with trio.fail_after(5):
+            while poller.polling:
+                await trio.lowlevel.checkpoint()
+        await trio.testing.wait_all_tasks_blocked()  # parked again: no spinning while idle
+        assert not poller.polling
+        nursery.cancel_scope.cancel()
