@@ -18,9 +18,10 @@ from .control import find_mount, read_status, send_command
 from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, CowfsError
 from .job import JobOptions, SyncMode
 from .mount import MountRequest, run_mount
+from .policy import CbwPolicy, SourcePolicy, TargetPolicy
 from .preflight import check_cluster_size
 from .record import Record, pid_alive, read_record, verdict
-from .units import format_bytes, parse_size
+from .units import format_bytes, parse_seconds, parse_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +42,31 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--sync", choices=[s.value for s in SyncMode], default="full")
     m.add_argument("--cluster-size", default="64K", help="copy unit, 4K..16M (default 64K)")
     m.add_argument("--speed", default="0", help="copier limit in bytes/s, e.g. 100M (0: none)")
+    m.add_argument(
+        "--on-source-error",
+        choices=[p.value for p in SourcePolicy],
+        default="report",
+        help="copier read errors: fail the job, retry, or pause it (default report)",
+    )
+    m.add_argument(
+        "--on-target-error",
+        choices=[p.value for p in TargetPolicy],
+        default="report",
+        help="copier write errors; enospc pauses on a full target only (default report)",
+    )
+    m.add_argument(
+        "--on-cbw-error",
+        choices=[p.value for p in CbwPolicy],
+        default="break-snapshot",
+        help="copy-before-write errors: fail the backup or fail the guest write",
+    )
+    m.add_argument(
+        "--cbw-timeout",
+        default="0",
+        metavar="SECONDS",
+        help="break the snapshot if a copy-before-write holds a write up longer (0: never)",
+    )
+    m.add_argument("--allow-other", action="store_true", help="let other users reach the live file")
     m.add_argument("--force", action="store_true", help="overwrite an existing target")
     m.add_argument(
         "-f", "--foreground", action="store_true", help="stay attached until the backup ends"
@@ -56,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cancel", help="stop the backup and remove the mount at once")
     c.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+    for name, text in (("pause", "hold the copier"), ("resume", "resume a paused job")):
+        sub.add_parser(name, help=text).add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+    sp = sub.add_parser("set-speed", help="change the copier's speed limit of a running job")
+    sp.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    sp.add_argument("speed", metavar="RATE", help="bytes/s with K/M/G suffixes; 0: unlimited")
 
     i = sub.add_parser("info", help="show a target's record; exit 0 only if complete")
     i.add_argument("target", type=Path, metavar="TARGET")
@@ -77,6 +110,10 @@ def _mount(args: argparse.Namespace) -> int:
         sync=SyncMode(args.sync),
         cluster_size=check_cluster_size(parse_size(args.cluster_size, "cluster size")),
         speed=parse_size(args.speed, "speed"),
+        on_source_error=SourcePolicy(args.on_source_error),
+        on_target_error=TargetPolicy(args.on_target_error),
+        on_cbw_error=CbwPolicy(args.on_cbw_error),
+        cbw_timeout=parse_seconds(args.cbw_timeout, "cbw timeout"),
     )
     request = MountRequest(
         source=args.source,
@@ -84,6 +121,7 @@ def _mount(args: argparse.Namespace) -> int:
         target=args.target,
         options=options,
         force=args.force,
+        allow_other=args.allow_other,
         foreground=args.foreground,
         progress=args.foreground and sys.stderr.isatty(),
         debug=args.debug,
@@ -102,7 +140,8 @@ def _status(args: argparse.Namespace) -> int:
     total, done = st["bytes_total"], st["bytes_done"]
     pct = 100.0 * done / total if total else 100.0
     eta = f", ETA {st['eta_s']:.0f} s" if st.get("eta_s") is not None else ""
-    print(f"state: {st['state']}")
+    why = f" ({st['paused_reason']})" if st.get("paused_reason") else ""
+    print(f"state: {st['state']}{why}")
     print(f"source: {st['source']}  ->  target: {st['target']} ({st['format']})")
     print(f"sync: {st['sync']}, cluster size {format_bytes(st['cluster_size'])}")
     print(f"point in time: {st['point_in_time']}")
@@ -111,9 +150,9 @@ def _status(args: argparse.Namespace) -> int:
         f"copied: {format_bytes(st['bytes_copier'])} by the copier, "
         f"{format_bytes(st['bytes_cbw'])} by copy-before-write"
     )
-    print(f"rate: {format_bytes(st['rate'])}/s{eta}")
-    for err in st["errors"]:
-        print(f"error: {err}")
+    print(f"rate: {format_bytes(st['rate'])}/s{eta}, speed limit {_speed_text(st['speed'])}")
+    if st.get("last_error"):
+        print(f"last error: {st['last_error']}")
     return EXIT_OK
 
 
@@ -128,6 +167,31 @@ def _cancel(args: argparse.Namespace) -> int:
     send_command(args.mountpoint, "cancel")
     _wait_and_report(st)
     return EXIT_OK
+
+
+def _pause(args: argparse.Namespace) -> int:
+    return _control(args.mountpoint, "pause")
+
+
+def _resume(args: argparse.Namespace) -> int:
+    return _control(args.mountpoint, "resume")
+
+
+def _set_speed(args: argparse.Namespace) -> int:
+    return _control(args.mountpoint, f"set-speed {parse_size(args.speed, 'speed')}")
+
+
+def _control(mountpoint: Path, command: str) -> int:
+    """Send a command, then show the state it led to."""
+    send_command(mountpoint, command)
+    st = read_status(mountpoint)
+    why = f" ({st['paused_reason']})" if st.get("paused_reason") else ""
+    print(f"{st['state']}{why}, speed {_speed_text(st['speed'])}")
+    return EXIT_OK
+
+
+def _speed_text(speed: int) -> str:
+    return f"{format_bytes(speed)}/s" if speed else "unlimited"
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -198,5 +262,8 @@ _COMMANDS = {
     "status": _status,
     "finish": _finish,
     "cancel": _cancel,
+    "pause": _pause,
+    "resume": _resume,
+    "set-speed": _set_speed,
     "info": _info,
 }

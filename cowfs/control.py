@@ -44,12 +44,18 @@ class ControlServer:
 
     def command(self, value: bytes) -> None:
         """Run a control command; unknown commands raise ValueError."""
-        match value.decode(errors="replace").strip():
-            case "cancel":
+        match value.decode(errors="replace").split():
+            case ["cancel"]:
                 self.job.cancel("cancelled by the user")
                 self._stop_when_closed = True
+            case ["pause"]:
+                self.job.pause("user")
+            case ["resume"]:
+                self.job.resume()
+            case ["set-speed", speed] if speed.isdigit():
+                self.job.set_speed(int(speed))
             case other:
-                raise ValueError(f"unknown control command {other!r}")
+                raise ValueError(f"unknown control command {' '.join(other)!r}")
 
 
 def find_mount(mountpoint: Path) -> Path:

@@ -11,8 +11,8 @@ import logging
 import trio
 from bitarray import bitarray
 
-from .job import Job
-from .ratelimit import RateLimiter
+from .job import Job, JobState
+from .policy import retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,6 @@ more only contend for the GIL and the page cache on these 2-core machines."""
 class Copier:
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.limiter = RateLimiter(job.options.speed)
         self._remaining = bitarray()
         self._cursor = 0
 
@@ -44,7 +43,9 @@ class Copier:
     async def _worker(self) -> None:
         job = self.job
         buf = bytearray(job.batch_bytes)
+        failures = 0
         while True:
+            await job.wait_unpaused()
             first = self._remaining.find(1, self._cursor)
             if first < 0:
                 return
@@ -57,7 +58,14 @@ class Copier:
             count = self._claim_batch(first)
             self._cursor = first + count
             copied = await job.copy_claimed(first, count, buf)
-            await self.limiter.account(copied)
+            if copied is None:  # failed; the error policy wants these clusters again
+                failures += 1
+                self._cursor = min(self._cursor, first)
+                if job.state is not JobState.PAUSED:
+                    await trio.sleep(retry_delay(failures))
+                continue
+            failures = 0
+            await job.limiter.account(copied)
 
     def _claim_batch(self, first: int) -> int:
         """Claim a run of wanted clusters starting at `first` (which is claimable)."""

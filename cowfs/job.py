@@ -7,7 +7,9 @@ clusters are done, and no cluster is copied twice. Knows nothing of FUSE, of
 the CLI or of record files; the copier (copier.py) asks it to copy clusters.
 """
 
+import contextlib
 import enum
+import errno
 import logging
 import os
 import time
@@ -19,6 +21,8 @@ from bitarray import bitarray
 
 from .extents import data_clusters
 from .locks import ClusterClaims
+from .policy import Action, CbwPolicy, SourcePolicy, TargetPolicy, copier_action
+from .ratelimit import RateLimiter
 from .target import RawTarget
 from .transfer import copy_range
 
@@ -38,6 +42,7 @@ class SyncMode(enum.StrEnum):
 class JobState(enum.StrEnum):
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"
     COMPLETING = "completing"
     COMPLETE = "complete"
     FAILED = "failed"
@@ -52,6 +57,12 @@ class JobOptions:
     sync: SyncMode = SyncMode.FULL
     cluster_size: int = 64 << 10
     speed: int = 0
+    on_source_error: SourcePolicy = SourcePolicy.REPORT
+    on_target_error: TargetPolicy = TargetPolicy.REPORT
+    on_cbw_error: CbwPolicy = CbwPolicy.BREAK_SNAPSHOT
+    cbw_timeout: float = 0.0
+    """Seconds a copy-before-write may hold up a guest write before the snapshot is
+    broken instead (0: no limit)."""
 
 
 class Job:
@@ -66,6 +77,10 @@ class Job:
         self.batch_clusters = max(1, BATCH_BYTES // self.cluster_size)
         self.batch_bytes = self.batch_clusters * self.cluster_size
         self.state = JobState.CREATED
+        self.paused_reason: str | None = None
+        self.last_error: str | None = None
+        self._resumed = trio.Event()
+        self.limiter = RateLimiter(options.speed)
         self.errors: list[str] = []
         self.claims = ClusterClaims()
         self.size = 0
@@ -126,7 +141,32 @@ class Job:
     @property
     def protecting(self) -> bool:
         """Whether writes must still copy old data first (False once the job has ended)."""
-        return self.state is JobState.RUNNING
+        return self.state in (JobState.RUNNING, JobState.PAUSED)
+
+    # -- pause and resume ----------------------------------------------------
+
+    def pause(self, reason: str) -> None:
+        """Hold the copier at its next batch; copy-before-write goes on ("user" or "error")."""
+        if self.state is JobState.RUNNING:
+            self.state = JobState.PAUSED
+            self.paused_reason = reason
+            self._resumed = trio.Event()
+            log.warning("backup paused (%s)", reason if reason == "user" else self.last_error)
+
+    def resume(self) -> None:
+        if self.state is JobState.PAUSED:
+            self.state = JobState.RUNNING
+            self.paused_reason = None
+            self._resumed.set()
+            log.info("backup resumed")
+
+    async def wait_unpaused(self) -> None:
+        while self.state is JobState.PAUSED:
+            await self._resumed.wait()
+
+    def set_speed(self, speed: int) -> None:
+        self.limiter.speed = speed
+        log.info("copier speed set to %d bytes/s", speed)
 
     # -- copy-before-write ---------------------------------------------------
 
@@ -137,6 +177,18 @@ class Job:
         if offset >= end or not self.protecting:
             return
         first, last = offset // self.cluster_size, (end - 1) // self.cluster_size
+        if self.done.find(0, first, last + 1) < 0:
+            return  # the common case once the copier is through: nothing to copy
+        if not self.options.cbw_timeout:
+            await self._protect_range(first, last)
+            return
+        with trio.move_on_after(self.options.cbw_timeout) as scope:
+            await self._protect_range(first, last)
+        if scope.cancelled_caught:
+            limit = self.options.cbw_timeout
+            self.fail(f"copy-before-write at offset {offset} took over {limit} s")
+
+    async def _protect_range(self, first: int, last: int) -> None:
         cluster = self.done.find(0, first, last + 1)
         while cluster >= 0 and self.protecting:
             window_end = min(last + 1, cluster + self.batch_clusters)
@@ -171,20 +223,23 @@ class Job:
     async def _cbw_copy(self, first: int, count: int) -> None:
         """Copy claimed clusters: inline when the source's old data is in the page cache
         (tens of microseconds, less than a thread hop), in a worker thread when it must
-        come from disk, so that a cold read never stalls every other request."""
+        come from disk, so that a cold read never stalls every other request. With
+        --cbw-timeout always in a thread, so that a hung target can be given up on."""
         offset, length = self._extent(first, count)
+        written = None
         try:
-            try:
-                written = copy_range(
-                    self.source_fd,
-                    self.target,
-                    offset,
-                    length,
-                    self.cluster_size,
-                    self._cbw_buf,
-                    nowait=True,
-                )
-            except BlockingIOError:
+            if not self.options.cbw_timeout:
+                with contextlib.suppress(BlockingIOError):
+                    written = copy_range(
+                        self.source_fd,
+                        self.target,
+                        offset,
+                        length,
+                        self.cluster_size,
+                        self._cbw_buf,
+                        nowait=True,
+                    )
+            if written is None:
                 written = await trio.to_thread.run_sync(
                     copy_range,
                     self.source_fd,
@@ -193,10 +248,15 @@ class Job:
                     length,
                     self.cluster_size,
                     bytearray(length),
+                    abandon_on_cancel=True,
                 )
         except OSError as e:
-            # break-snapshot: the guest write proceeds, the backup is failed with the reason.
-            self.fail(f"copy-before-write at offset {first * self.cluster_size}: {e}")
+            reason = f"copy-before-write: {e.strerror}"
+            if self.options.on_cbw_error is CbwPolicy.BREAK_GUEST_WRITE:
+                log.error("%s; the guest write fails", reason)
+                self.last_error = reason
+                raise OSError(errno.EIO, reason) from e
+            self.fail(reason)  # break-snapshot: the guest write proceeds
         else:
             self._mark_done(first, count)
             self.bytes_cbw += length
@@ -206,8 +266,9 @@ class Job:
 
     # -- the copier's side ---------------------------------------------------
 
-    async def copy_claimed(self, first: int, count: int, buf: bytearray) -> int:
-        """Copy clusters the copier claimed, in a worker thread; returns bytes read."""
+    async def copy_claimed(self, first: int, count: int, buf: bytearray) -> int | None:
+        """Copy clusters the copier claimed, in a worker thread; returns bytes read, or
+        None if it failed and the error policy wants the clusters tried again."""
         offset, length = self._extent(first, count)
         try:
             written = await trio.to_thread.run_sync(
@@ -221,14 +282,27 @@ class Job:
                 limiter=self._io_limiter,
             )
         except OSError as e:
-            self.fail(f"copier at offset {offset}: {e}")
-            return 0
+            return self._copier_failed(e)
         finally:
             self.claims.release(first, count)
         self._mark_done(first, count)
         self.bytes_copier += length
         self.bytes_written += written
         return length
+
+    def _copier_failed(self, error: OSError) -> None:
+        reason = f"copier: {error.strerror}"
+        self.last_error = reason
+        action = copier_action(error, self.options.on_source_error, self.options.on_target_error)
+        if action is Action.STOP and self.state is JobState.COMPLETING:
+            self.fail(f"{reason} (after unmount nobody can resume a stopped job)")
+        elif action is Action.STOP:
+            self.pause("error")
+        elif action is Action.RETRY:
+            log.error("%s; retrying", reason)
+        else:
+            self.fail(reason)
+        return None
 
     def _mark_done(self, first: int, count: int) -> None:
         self.done[first : first + count] = 1
@@ -248,8 +322,9 @@ class Job:
     async def complete(self) -> None:
         """The source is quiet now (unmounted): copy what is left, make the target
         durable, and only then say complete."""
-        if self.state is JobState.RUNNING:
-            self.state = JobState.COMPLETING
+        if self.state in (JobState.RUNNING, JobState.PAUSED):
+            self.state = JobState.COMPLETING  # nobody can resume after unmount: go on
+            self._resumed.set()
         await self.copier_done.wait()
         if self.state is not JobState.COMPLETING:
             return
@@ -270,6 +345,7 @@ class Job:
         if self.state is JobState.COMPLETE:
             return  # the record already says complete, and rightly: the target is durable
         self.errors.append(reason)
+        self.last_error = reason
         if self.state not in FINAL:
             self._end(JobState.FAILED)
 
@@ -310,7 +386,9 @@ class Job:
             "format": self.target.format,
             "sync": str(self.options.sync),
             "cluster_size": self.cluster_size,
-            "speed": self.options.speed,
+            "speed": self.limiter.speed,
+            "paused_reason": self.paused_reason,
+            "last_error": self.last_error,
             "size": self.size,
             "point_in_time": self.point_in_time.isoformat() if self.point_in_time else None,
             "bytes_total": total,

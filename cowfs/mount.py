@@ -44,6 +44,7 @@ class MountRequest:
     target: Path
     options: JobOptions
     force: bool = False
+    allow_other: bool = False
     foreground: bool = False
     progress: bool = False
     debug: bool = False
@@ -80,7 +81,10 @@ def run_mount(req: MountRequest) -> int:
     poller = BusyPoller()
     fs = LiveFS(job, source.name, control, poller)
     try:
-        pyfuse3.init(fs, str(mountpoint), set(pyfuse3.default_options) | MOUNT_OPTIONS)
+        options = set(pyfuse3.default_options) | MOUNT_OPTIONS
+        if req.allow_other:
+            options.add("allow_other")
+        pyfuse3.init(fs, str(mountpoint), options)
     except Exception as e:  # pyfuse3 raises RuntimeError with libfuse's reason
         target.close()
         tmp.unlink()

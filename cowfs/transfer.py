@@ -28,6 +28,14 @@ def _is_zero(buf: bytearray, pos: int, length: int) -> bool:
     return buf[pos] == 0 and buf.startswith(_zeros(length), pos, pos + length)
 
 
+class SourceError(OSError):
+    """Reading the source failed; the job's source error policy decides what follows."""
+
+
+class TargetError(OSError):
+    """Writing the target failed; the job's target error policy decides what follows."""
+
+
 def copy_range(
     source_fd: int,
     target: Target,
@@ -45,8 +53,23 @@ def copy_range(
     this happens only for clusters whose old content was zero anyway).
     With `nowait`, raises BlockingIOError before writing anything unless the
     whole range is in the page cache: the caller then copies in a thread.
+    Other failures raise SourceError or TargetError, naming the offset.
     """
     view = memoryview(buf)[:length]
+    try:
+        _read(source_fd, view, offset, nowait)
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        raise SourceError(e.errno, f"reading the source at offset {offset}: {e.strerror}") from e
+    try:
+        return _write_nonzero(target, buf, offset, length, cluster_size)
+    except OSError as e:
+        raise TargetError(e.errno, f"writing the target at offset {offset}: {e.strerror}") from e
+
+
+def _read(source_fd: int, view: memoryview, offset: int, nowait: bool) -> None:
+    length = len(view)
     got = os.preadv(source_fd, [view], offset, os.RWF_NOWAIT if nowait else 0)
     if nowait and got < length:
         raise BlockingIOError(f"{length - got} bytes at {offset + got} not cached")
@@ -58,6 +81,12 @@ def copy_range(
     if got < length:
         view[got:] = _ZERO[: length - got]
 
+
+def _write_nonzero(
+    target: Target, buf: bytearray, offset: int, length: int, cluster_size: int
+) -> int:
+    """Write the non-zero clusters of buf[:length] in runs; returns the bytes written."""
+    view = memoryview(buf)[:length]
     written = 0
     run_start = None  # start of the current run of non-zero clusters
     for pos in range(0, length, cluster_size):

@@ -16,6 +16,17 @@ def parse_size(text: str, what: str = "size") -> int:
     return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
 
 
+def parse_seconds(text: str, what: str) -> float:
+    """'2', '0.5' -> seconds; negative, infinite or non-numeric input is refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise CowfsError(f"bad {what} {text!r}: expected a number of seconds, 0 or more")
+    return value
+
+
 def format_bytes(n: float) -> str:
     """Human-readable binary size: 1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
