@@ -24,6 +24,7 @@ from .copier import copy_in_background
 from .daemon import Readiness, daemonize
 from .errors import EXIT_INCOMPLETE, EXIT_OK, CowfsError
 from .fs import LiveFS
+from .imagelock import Role, lock_image
 from .job import Job, JobOptions, JobState
 from .log import setup_logging
 from .progress import show_progress
@@ -73,7 +74,14 @@ def run_mount(req: MountRequest) -> int:
     except OSError as e:
         os.close(source_fd)
         raise CowfsError(f"cannot create target {target_path}: {e.strerror}") from None
-    fcntl.flock(target.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new file: nobody else has it
+    try:  # a new file: nobody else can hold it
+        fcntl.flock(target.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_image(target.fd, target_path, "target")
+    except (OSError, CowfsError) as e:
+        target.close()
+        tmp.unlink()
+        os.close(source_fd)
+        raise CowfsError(f"cannot lock target {target_path}: {e}") from None
 
     job = Job(source_fd, str(source), target, req.options)
     stop = trio.Event()
@@ -111,9 +119,9 @@ def run_mount(req: MountRequest) -> int:
     return EXIT_OK if job.state is JobState.COMPLETE else EXIT_INCOMPLETE
 
 
-def _open_locked(path: Path, role: str) -> int:
-    """Open `path` read-write holding an exclusive lock; every job locks its source and
-    its target this way for its whole life, so no other job can use or replace them."""
+def _open_locked(path: Path, role: Role) -> int:
+    """Open `path` read-write holding its locks for the job's whole life: flock against
+    other cowfs jobs (for a clear message), QEMU's lock bytes against QEMU (imagelock)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -123,6 +131,11 @@ def _open_locked(path: Path, role: str) -> int:
     except BlockingIOError:
         os.close(fd)
         raise CowfsError(f"{role} {path} is in use by another cowfs job") from None
+    try:
+        lock_image(fd, path, role)
+    except CowfsError:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, wait_until
+from conftest import TIMEOUT, run_cowfs, wait_until
 
 from cowfs.errors import CowfsError
 from cowfs.imagelock import Role, lock_image
@@ -216,3 +216,31 @@ def test_refuses_an_image_with_a_foreign_exclusive_lock(image: Path) -> None:
         ):
             pass
         assert held_ranges(image) == Counter([(101, 101)])
+
+
+# -- through the real command -------------------------------------------------------
+
+
+def test_a_running_backup_keeps_qemu_off_its_source_and_target(cowfs, image: Path) -> None:
+    m = cowfs.mount(image, None, "--speed", "1M")
+    for path in (image, m.target):
+        result = qemu_io("-c", "write -P 0x11 0 4k", path)
+        assert result.returncode != 0
+        assert 'Failed to get "write" lock' in result.stderr + result.stdout
+    assert m.finish().returncode == 0
+    assert image.read_bytes() == bytes([PATTERN]) * SIZE
+    assert qemu_io("-c", "write -P 0x11 0 4k", image).returncode == 0  # locks gone
+
+
+def test_mount_refuses_a_source_qemu_has_open(cowfs, image: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    target = tmp_path / "target.img"
+    with qemu_io_holding(image):
+        result = run_cowfs("mount", image, mnt, "--target", target)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cowfs: error: source"), result.stderr
+    assert "in use by another process" in lines[0]
+    assert not target.exists() and not list(tmp_path.glob("*.cowfs.*"))
+    assert not os.listdir(mnt)
