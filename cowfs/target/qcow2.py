@@ -59,7 +59,9 @@ ZERO = 1
 OFFSET_MASK = ((1 << 56) - 1) & ~511
 """Bits 9-55 of an L1 or standard L2 entry: the host offset."""
 SECTOR = 512
-"""Compressed cluster sizes are counted in 512-byte sectors."""
+"""Compressed cluster sizes are counted in 512-byte sectors, and QEMU sees every image in
+whole sectors (a 1000-byte raw file is 1024 bytes to qemu-img): the header's virtual size
+is rounded up likewise, so that QEMU reads the source and its backup as the same size."""
 DEFLATE_WBITS = -12
 """Raw deflate with a 4 KiB window, as QEMU writes compressed clusters."""
 DEFLATE_MEMLEVEL = 9
@@ -118,7 +120,8 @@ def _check_options(
 
 
 def _l1_size(size: int, cluster_size: int) -> int:
-    return -(-size // (cluster_size * (cluster_size // 8)))
+    """L1 entries for `size` bytes; at least one, so that an empty image's L1 is in use."""
+    return max(1, -(-size // (cluster_size * (cluster_size // 8))))
 
 
 class Qcow2Target:
@@ -162,7 +165,7 @@ class Qcow2Target:
         self._cpos = 0  # next free byte for compressed data (packed, as QEMU does)
 
         self._l1_size = _l1_size(size, cluster_size)
-        self._l1_offset = self._alloc(max(1, -(-self._l1_size * 8 // cluster_size)))
+        self._l1_offset = self._alloc(-(-self._l1_size * 8 // cluster_size))
         self._rt_clusters = 1
         self._rt_offset = self._alloc(self._rt_clusters)
         self._changed = True
@@ -296,18 +299,20 @@ class Qcow2Target:
             return  # nothing written here and no backing file: already reads as zeros
         table, i = self._slot(guest)
         entry = table[i]
-        self._release(entry)
         if not entry & COMPRESSED and entry & OFFSET_MASK:  # keep the cluster, preallocated
             table[i] = COPIED | entry & OFFSET_MASK | ZERO
         else:
+            self._release(entry)
             table[i] = ZERO if self.backing is not None else 0
 
     def _release(self, entry: int) -> None:
-        """Drop the references of a compressed entry that is being replaced."""
+        """Drop the references of an entry that is being replaced (its space is not reused)."""
         if entry & COMPRESSED:
             host = entry & ((1 << self._csize_shift) - 1)
             sectors = (entry >> self._csize_shift & self._csize_mask) + 1
-            self._count_compressed(host, host // SECTOR * SECTOR + sectors * SECTOR, -1)
+            self._count(host, host // SECTOR * SECTOR + sectors * SECTOR, -1)
+        elif entry & OFFSET_MASK:
+            self._count(entry & OFFSET_MASK, (entry & OFFSET_MASK) + 1, -1)
 
     # Host clusters and refcounts (under the lock).
 
@@ -342,11 +347,12 @@ class Qcow2Target:
             if start != limit:
                 pos = start
         self._cpos = pos + length
-        self._count_compressed(pos, _align_up(pos + length, SECTOR), +1)
+        self._count(pos, _align_up(pos + length, SECTOR), +1)
         return pos
 
-    def _count_compressed(self, start: int, end: int, delta: int) -> None:
-        """Per the spec, each host cluster that [start, end) touches counts one reference."""
+    def _count(self, start: int, end: int, delta: int) -> None:
+        """Each host cluster that [start, end) touches gains `delta` references (the spec's
+        rule for compressed clusters, which may share host clusters)."""
         for cluster in range(start >> self._bits, ((end - 1) >> self._bits) + 1):
             self._refcounts[cluster] += delta
             self._dirty_rb.add(cluster // self._rb_entries)
@@ -377,7 +383,7 @@ class Qcow2Target:
             HEADER.size + len(extensions) if backing else 0,  # backing name after extensions
             len(backing),
             self._bits,
-            self.size,
+            _align_up(self.size, SECTOR),
             0,  # no encryption
             self._l1_size,
             self._l1_offset,
