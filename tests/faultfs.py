@@ -5,7 +5,7 @@ Usage: ``python tests/faultfs.py BACKING_DIR MOUNTPOINT`` (stays in the foregrou
 The mount shows the regular files of BACKING_DIR (flat: no subdirectories) and
 passes reads, writes, fsync, truncate, stat and statfs through to them, except
 where a *fault* says otherwise: a request of a chosen operation (read, write,
-fsync) on a chosen file that overlaps a chosen byte range fails with an errno
+fsync) on a chosen file (by its current name) that overlaps a chosen byte range fails with an errno
 (default EIO), for the first N matching requests or always, optionally after a
 delay. Disks fail this way, and QEMU's blkdebug driver injects errors the same
 way; a mock could not show what cowfs does with a real EIO from the kernel.
@@ -104,7 +104,7 @@ class FaultFS(pyfuse3.Operations):
         self.backing = backing
         self.inodes: dict[str, int] = {}
         self.names: dict[int, str] = {}
-        self.files: dict[int, tuple[int, str]] = {}  # fh -> (backing fd, name)
+        self.files: dict[int, tuple[int, int]] = {}  # fh -> (backing fd, inode)
         self.snapshots: dict[int, bytes] = {}  # control fh -> state at open
         self.next_fh = 1
         self.faults: list[Fault] = []
@@ -180,7 +180,10 @@ class FaultFS(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | 0o755 if inode == ROOT else stat.S_IFREG | 0o600
             attrs.st_nlink = 2 if inode == ROOT else 1
         else:
-            st = os.lstat(self._path(self._name(inode)))
+            try:
+                st = os.lstat(self._path(self._name(inode)))
+            except (OSError, ValueError):  # ValueError: a gone name (NUL)
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
             if not stat.S_ISREG(st.st_mode):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             attrs.st_mode = st.st_mode
@@ -277,8 +280,7 @@ class FaultFS(pyfuse3.Operations):
         elif inode == ROOT:
             raise pyfuse3.FUSEError(errno.EISDIR)
         else:
-            name = self._name(inode)
-            self.files[fh] = (self._open_backing(name, flags), name)
+            self.files[fh] = (self._open_backing(self._name(inode), flags), inode)
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -287,7 +289,7 @@ class FaultFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         fd = self._open_backing(text, flags | os.O_CREAT, stat.S_IMODE(mode))
         fh = self._new_fh()
-        self.files[fh] = (fd, text)
+        self.files[fh] = (fd, self._inode(text))
         return pyfuse3.FileInfo(fh=fh, direct_io=True), self._attrs(self._inode(text))
 
     async def unlink(self, parent_inode, name, ctx):
@@ -298,12 +300,37 @@ class FaultFS(pyfuse3.Operations):
             os.unlink(self._path(text))
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        self._forget_name(text)
+
+    def _forget_name(self, name: str) -> None:
+        """`name` is gone: handles still open on its inode match no fault any more."""
+        inode = self.inodes.pop(name, None)
+        if inode is not None:
+            self.names[inode] = f"\0gone-{inode}"  # a NUL: no fault or file has that name
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        """Faults name files: an open file renamed (cowfs's tmp-then-rename) takes the new
+        name's faults from then on. RENAME_NOREPLACE and RENAME_EXCHANGE are refused."""
+        old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+        if ROOT not in (parent_inode_old, parent_inode_new) or flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if CONTROL_NAME in (old, new) or "/" in old + new:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        try:
+            os.rename(self._path(old), self._path(new))
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        inode = self._inode(old)
+        self._forget_name(new)
+        del self.inodes[old]
+        self.inodes[new] = inode
+        self.names[inode] = new
 
     async def read(self, fh, off, size):
         if fh in self.snapshots:
             return self.snapshots[fh][off : off + size]
-        fd, name = self.files[fh]
-        await self.inject(name, "read", off, size)
+        fd, inode = self.files[fh]
+        await self.inject(self._name(inode), "read", off, size)
         try:
             return os.pread(fd, size, off)
         except OSError as e:
@@ -313,8 +340,8 @@ class FaultFS(pyfuse3.Operations):
         if fh in self.snapshots:
             self.command(bytes(buf))
             return len(buf)
-        fd, name = self.files[fh]
-        await self.inject(name, "write", off, len(buf))
+        fd, inode = self.files[fh]
+        await self.inject(self._name(inode), "write", off, len(buf))
         try:
             return os.pwrite(fd, buf, off)
         except OSError as e:
@@ -323,8 +350,8 @@ class FaultFS(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         if fh in self.snapshots:
             return
-        fd, name = self.files[fh]
-        await self.inject(name, "fsync", 0, 0)
+        fd, inode = self.files[fh]
+        await self.inject(self._name(inode), "fsync", 0, 0)
         try:
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
         except OSError as e:

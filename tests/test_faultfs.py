@@ -154,6 +154,31 @@ def test_files_appear_and_can_be_created(faulty: FaultyFS) -> None:
     assert sorted(os.listdir(faulty.mountpoint)) == ["late.img"]
 
 
+def test_faults_follow_a_rename(faulty: FaultyFS, data: bytes) -> None:
+    """cowfs creates its target and record under a temporary name, then renames them:
+    a fault on the final name must hit handles opened under the temporary one."""
+    faulty.fail("final.img", "write", offset=0, length=4096)
+    fd = os.open(faulty.path("tmp.img"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert os.pwrite(fd, b"t" * 4096, 0) == 4096  # not the faulty name yet
+        os.rename(faulty.path("tmp.img"), faulty.path("final.img"))
+        with pytest.raises(OSError) as err:
+            os.pwrite(fd, b"u" * 4096, 0)
+        assert err.value.errno == errno.EIO
+        assert os.fstat(fd).st_size == 4096
+        os.rename(faulty.path("f.img"), faulty.path("final.img"))  # replaces it
+        assert os.pwrite(fd, b"v" * 4096, 0) == 4096  # the old file has no name now
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(faulty.mountpoint)) == ["final.img"]
+    assert faulty.path("final.img").read_bytes() == data
+    dfd = os.open(faulty.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)  # record.write_record does this
+    finally:
+        os.close(dfd)
+
+
 def test_bad_commands_are_refused(faulty: FaultyFS) -> None:
     for bad in (b"not json", b'{"add": [{"op": "read"}]}', b'{"add": [{"name": "x", "op": "x"}]}'):
         fd = os.open(faulty.mountpoint / ".faultfs", os.O_WRONLY)
