@@ -23,6 +23,7 @@ import trio
 from .busypoll import BusyPoller
 from .control import CONTROL_NAME, ControlServer
 from .job import Job
+from .transfer import read_cached
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +162,11 @@ class LiveFS(pyfuse3.Operations):
         if fh != LIVE:
             return self.snapshots[fh][off : off + size]
         self.poller.request_seen()
-        buf = bytearray(size)
-        try:  # from the page cache without blocking, or else in a thread
-            got = os.preadv(self.fd, [buf], off, os.RWF_NOWAIT)
-        except BlockingIOError:
-            got = -1
-        if got < size:
-            got = await trio.to_thread.run_sync(os.preadv, self.fd, [buf], off)
-        return memoryview(buf)[:got]
+        view = memoryview(bytearray(size))
+        got = read_cached(self.fd, view, off)  # from the page cache, or else in a thread
+        if got is None or got < size:
+            got = await trio.to_thread.run_sync(os.preadv, self.fd, [view], off)
+        return view[:got]
 
     @_boundary
     async def write(self, fh, off, buf):

@@ -108,15 +108,16 @@ def run_mount(req: MountRequest) -> int:
     else:
         readiness = daemonize(log_path(target_path))
         setup_logging(log_path(target_path), req.debug)
+    saved = False
     try:
         trio.run(_serve, job, poller, stop, readiness, req.progress)
     except BaseException as e:
         readiness.failed(f"cowfs daemon failed: {e!r}")
         raise
     finally:
-        _write_record(job)
+        saved = _save_record(job, reserve=False)
     log.info("backup %s: %s", job.state, target_path)
-    return EXIT_OK if job.state is JobState.COMPLETE else EXIT_INCOMPLETE
+    return EXIT_OK if job.state is JobState.COMPLETE and saved else EXIT_INCOMPLETE
 
 
 def _open_locked(path: Path, role: Role) -> int:
@@ -144,7 +145,7 @@ async def _serve(
 ) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(copy_in_background, job)  # fixes the point in time
-        _write_record(job)
+        _write_record(job, reserve=True)  # no record, no backup: this one must succeed
         nursery.start_soon(_cancel_on_signals, job, stop)
         nursery.start_soon(_record_when_ended, job)
         if progress:
@@ -182,10 +183,21 @@ async def _stop_serving_when(stop: trio.Event) -> None:
 async def _record_when_ended(job: Job) -> None:
     """A job that fails or is cancelled while mounted says so at once, not at unmount."""
     await job.ended.wait()
-    await trio.to_thread.run_sync(_write_record, job)
+    await trio.to_thread.run_sync(_save_record, job, True)
 
 
-def _write_record(job: Job) -> None:
+def _save_record(job: Job, reserve: bool) -> bool:
+    """Write the record; a failure is logged, and the record left behind (which does not
+    say complete) stays the truth a reader sees."""
+    try:
+        _write_record(job, reserve)
+    except OSError as e:
+        log.error("cannot write the record beside %s: %s", job.target.path, e)
+        return False
+    return True
+
+
+def _write_record(job: Job, reserve: bool) -> None:
     if job.point_in_time is None:
         return  # the job never started: no backup, no record
     status = job.status()
@@ -209,4 +221,4 @@ def _write_record(job: Job) -> None:
         duration_s=float(status["elapsed_s"]),  # type: ignore[arg-type]
         errors=list(job.errors),
     )
-    write_record(record_path(Path(job.target.path)), record)
+    write_record(record_path(Path(job.target.path)), record, reserve)

@@ -50,25 +50,42 @@ class Record:
     version: int = 1
 
 
-def write_record(path: Path, record: Record) -> None:
+RESERVE = 64 << 10
+"""Bytes kept allocated for the next record, so that a target filesystem that fills up
+(the very failure the record must report) can still take it."""
+
+
+def write_record(path: Path, record: Record, reserve: bool = True) -> None:
     """Replace the record atomically: temp file, fsync, rename, fsync the directory.
 
     A reader (or a crash) sees either the old record or the new one, never half.
+    The temp file is written into space reserved by the previous call (no O_TRUNC,
+    then truncated to size); with `reserve`, space for the next record is set aside.
     """
     tmp = path.with_name(path.name + ".tmp")
     data = json.dumps(asdict(record), indent=2, sort_keys=True).encode() + b"\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
         os.fsync(fd)
-    finally:
+    except OSError:
         os.close(fd)
+        tmp.unlink()
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+    if reserve:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE)
+        finally:
+            os.close(fd)
 
 
 def read_record(target: Path) -> Record:

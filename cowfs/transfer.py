@@ -5,6 +5,7 @@ copy-before-write can run it inline; both get the same zero handling. Never
 decides which clusters to copy or marks anything done: that is the job's.
 """
 
+import errno
 import functools
 import os
 from typing import Protocol
@@ -68,11 +69,29 @@ def copy_range(
         raise TargetError(e.errno, f"writing the target at offset {offset}: {e.strerror}") from e
 
 
+def read_cached(fd: int, view: memoryview, offset: int) -> int | None:
+    """Read from the page cache only: the bytes read, or None if that would block.
+
+    Filesystems without RWF_NOWAIT (FUSE, NFS) answer EOPNOTSUPP: None too, so the
+    caller reads in a thread as it would for a cold cache."""
+    try:
+        return os.preadv(fd, [view], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+
+
 def _read(source_fd: int, view: memoryview, offset: int, nowait: bool) -> None:
     length = len(view)
-    got = os.preadv(source_fd, [view], offset, os.RWF_NOWAIT if nowait else 0)
-    if nowait and got < length:
-        raise BlockingIOError(f"{length - got} bytes at {offset + got} not cached")
+    if nowait:
+        cached = read_cached(source_fd, view, offset)
+        if cached is None or cached < length:
+            raise BlockingIOError(f"bytes at {offset} are not in the page cache")
+        return
+    got = os.preadv(source_fd, [view], offset)
     while 0 < got < length:  # short read: retry for the rest, stop at EOF
         more = os.preadv(source_fd, [view[got:]], offset + got)
         if more == 0:

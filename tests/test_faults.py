@@ -47,11 +47,6 @@ FAST = "16M"
 PACED = "1M"
 """The copier's two workers copy a batch each at once, then one MiB a second: the last
 MiB of the image is surely not copied within the first 1.5 seconds."""
-NOWAIT_BUG = (
-    "cowfs treats EOPNOTSUPP from preadv(RWF_NOWAIT) as a real error; FUSE (and other "
-    "filesystems) do not support RWF_NOWAIT, so with the source on FUSE every guest read "
-    "fails and every copy-before-write breaks the snapshot"
-)
 
 
 @pytest.fixture
@@ -211,13 +206,6 @@ def test_cbw_read_error_breaks_the_snapshot(
 
 
 # -- the target fills up ----------------------------------------------------------------
-
-
-RECORD_ON_FULL_FS_BUG = (
-    "the record beside a full target cannot be written: ENOSPC from write_record escapes "
-    "_record_when_ended, the daemon dies, the mount vanishes under the guest, and the "
-    "record keeps saying running (no error, a stale .cowfs.json.tmp)"
-)
 
 
 def test_target_full_fails_the_job_guest_writes_go_on(

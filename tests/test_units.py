@@ -17,6 +17,7 @@ import pytest
 from cowfs import preflight
 from cowfs.errors import EXIT_ERROR, CowfsError
 from cowfs.record import (
+    RESERVE,
     Record,
     read_record,
     record_path,
@@ -109,7 +110,9 @@ def test_record_replace_is_atomic_and_leaves_no_tmp(tmp_path: Path) -> None:
     path = record_path(target)
     write_record(path, sample_record("running"))
     inode = path.stat().st_ino
-    write_record(path, sample_record("failed"))
+    spare = path.with_name(path.name + ".tmp")  # space held for the next record
+    assert spare.stat().st_blocks * 512 >= RESERVE
+    write_record(path, sample_record("failed"), reserve=False)  # the last one
     assert read_record(target).status == "failed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.img.cowfs.json"]
     assert path.stat().st_ino != inode  # replaced by rename, not rewritten in place
