@@ -169,3 +169,14 @@ async def test_busy_poller_spins_after_a_request_then_sleeps() -> None:
         await trio.testing.wait_all_tasks_blocked()  # parked again: no spinning while idle
         assert not poller.polling
         nursery.cancel_scope.cancel()
+
+
+async def test_a_new_speed_wakes_a_sleeping_copier(autojump_clock: trio.testing.MockClock) -> None:
+    """`cowfs set-speed` must not wait until a batch paced at the old speed is slept out."""
+    limiter = RateLimiter(1024)  # 1 MiB would take 1024 s
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(limiter.account, MiB)
+        await trio.sleep(1)
+        start = trio.current_time()
+        limiter.speed = 0
+    assert trio.current_time() - start < 0.01
