@@ -5,22 +5,26 @@ is not complete exits 1; only a complete one exits 0. Tracebacks are for bugs.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from . import VERSION
+from .bitmap import BitmapStore
 from .control import find_mount, read_status, send_command
 from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, CowfsError
 from .job import JobOptions, SyncMode
 from .mount import MountRequest, run_mount
 from .policy import CbwPolicy, SourcePolicy, TargetPolicy
-from .preflight import check_cluster_size
+from .preflight import check_cluster_size, check_source
 from .record import Record, pid_alive, read_record, verdict
+from .target import FORMATS
 from .units import format_bytes, parse_seconds, parse_size
 
 
@@ -40,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
     m.add_argument("-t", "--target", type=Path, required=True, help="the backup to write")
     m.add_argument("--sync", choices=[s.value for s in SyncMode], default="full")
+    m.add_argument(
+        "--format", choices=FORMATS, help="target format (default: qcow2 for *.qcow2, else raw)"
+    )
+    m.add_argument("--compress", action="store_true", help="deflate-compress qcow2 clusters")
+    m.add_argument("--backing", type=Path, help="the previous backup of a chain (qcow2)")
+    m.add_argument("--bitmap", help="dirty bitmap to anchor (full, top) or to copy (incremental)")
     m.add_argument("--cluster-size", default="64K", help="copy unit, 4K..16M (default 64K)")
     m.add_argument("--speed", default="0", help="copier limit in bytes/s, e.g. 100M (0: none)")
     m.add_argument(
@@ -90,6 +100,20 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     sp.add_argument("speed", metavar="RATE", help="bytes/s with K/M/G suffixes; 0: unlimited")
 
+    b = sub.add_parser("bitmap", help="list and change the dirty bitmaps of a source")
+    bsub = b.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    bl = bsub.add_parser("list", help="each bitmap: state, granularity, dirty bytes")
+    bl.add_argument("source", type=Path, metavar="SOURCE")
+    bl.add_argument("--json", action="store_true")
+    ba = bsub.add_parser("add", help="start recording writes in a new bitmap")
+    ba.add_argument("source", type=Path, metavar="SOURCE")
+    ba.add_argument("name", metavar="NAME")
+    ba.add_argument("--granularity", default="64K", help="bytes per bit (default 64K)")
+    for action, text in (("remove", "delete a bitmap"), ("clear", "forget a bitmap's writes")):
+        bx = bsub.add_parser(action, help=text)
+        bx.add_argument("source", type=Path, metavar="SOURCE")
+        bx.add_argument("name", metavar="NAME")
+
     i = sub.add_parser("info", help="show a target's record; exit 0 only if complete")
     i.add_argument("target", type=Path, metavar="TARGET")
     i.add_argument("--json", action="store_true")
@@ -98,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "mount":  # `cowfs info T | head -1`: die quietly, as cat would
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         return _COMMANDS[args.command](args)
     except CowfsError as e:
@@ -106,20 +132,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
+    fmt = args.format or ("qcow2" if args.target.name.endswith(".qcow2") else "raw")
+    sync = SyncMode(args.sync)
+    if fmt == "raw" and (args.compress or args.backing):
+        raise CowfsError("--compress and --backing need a qcow2 target (--format qcow2)")
+    if sync is SyncMode.INCREMENTAL and fmt == "raw":
+        raise CowfsError(
+            "incremental backups need a qcow2 target: a raw file cannot tell a copied "
+            "zero from a cluster that was not copied"
+        )
+    if sync is SyncMode.INCREMENTAL and not args.bitmap:
+        raise CowfsError("an incremental backup needs --bitmap NAME")
+    if sync is SyncMode.NONE and args.bitmap:
+        raise CowfsError("--bitmap goes with --sync full, top or incremental")
     options = JobOptions(
-        sync=SyncMode(args.sync),
+        sync=sync,
         cluster_size=check_cluster_size(parse_size(args.cluster_size, "cluster size")),
         speed=parse_size(args.speed, "speed"),
         on_source_error=SourcePolicy(args.on_source_error),
         on_target_error=TargetPolicy(args.on_target_error),
         on_cbw_error=CbwPolicy(args.on_cbw_error),
         cbw_timeout=parse_seconds(args.cbw_timeout, "cbw timeout"),
+        bitmap=args.bitmap,
     )
     request = MountRequest(
         source=args.source,
         mountpoint=args.mountpoint,
         target=args.target,
         options=options,
+        fmt=fmt,
+        compress=args.compress,
+        backing=args.backing,
         force=args.force,
         allow_other=args.allow_other,
         foreground=args.foreground,
@@ -200,7 +243,84 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(record.__dict__ | {"verdict": verdict(record)}, indent=2))
     else:
         _print_record(record)
+        _print_chain(args.target.absolute(), record)
     return EXIT_OK if verdict(record) == "complete" else EXIT_INCOMPLETE
+
+
+def _print_chain(target: Path, record: Record) -> None:
+    """The backing files below `target`, each with what its own record says."""
+    seen = {target}
+    while record.backing is not None:
+        target = (target.parent / record.backing).resolve()
+        if target in seen:
+            print(f"backing: {target} (a loop in the chain)")
+            return
+        seen.add(target)
+        try:
+            record = read_record(target)
+        except CowfsError:
+            print(f"backing: {target} (no cowfs record)")
+            return
+        print(
+            f"backing: {target}: {verdict(record)}, point in time {record.point_in_time}, "
+            f"sync {record.sync}, bitmap {record.bitmap or '-'}"
+        )
+
+
+def _bitmap(args: argparse.Namespace) -> int:
+    source = args.source.absolute()
+    check_source(source)
+    if args.action == "list":
+        return _bitmap_list(BitmapStore.load(source), args.json)
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # bitmaps change only while no job runs: a running job owns them
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CowfsError(
+                f"source {source} is in use by a cowfs job; try when it ended"
+            ) from None
+        store = BitmapStore.load(source)
+        match args.action:
+            case "add":
+                granularity = check_cluster_size(parse_size(args.granularity, "granularity"))
+                store.add(args.name, granularity, os.fstat(fd).st_size)
+            case "remove":
+                store.remove(args.name)
+            case "clear":
+                store.clear(args.name)
+        store.save(None, os.fstat(fd))
+    finally:
+        os.close(fd)
+    return EXIT_OK
+
+
+def _bitmap_list(store: BitmapStore, as_json: bool) -> int:
+    size = os.stat(store.source).st_size
+    rows = [
+        {
+            "name": b.name,
+            "consistent": b.consistent,
+            "reason": b.reason,
+            "granularity": b.granularity,
+            "dirty_clusters": b.bits.count(),
+            "dirty_bytes": b.dirty_bytes(size),
+            "in_use_by": store.in_use_by,
+        }
+        for b in store.bitmaps.values()
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        state = "consistent" if row["consistent"] else f"inconsistent: {row['reason']}"
+        if row["in_use_by"]:
+            state += f" (in use by pid {row['in_use_by']})"
+        print(
+            f"{row['name']}: {state}; granularity {format_bytes(row['granularity'])}, "
+            f"dirty {format_bytes(row['dirty_bytes'])} ({row['dirty_clusters']} clusters)"
+        )
+    return EXIT_OK
 
 
 def _unmount(mountpoint: Path) -> None:
@@ -251,6 +371,10 @@ def _print_record(record: Record) -> None:
         f"{format_bytes(record.bytes_cbw)} by copy-before-write, "
         f"{format_bytes(record.bytes_written)} written"
     )
+    if record.bitmap:
+        print(f"bitmap: {record.bitmap}")
+    if record.backing:
+        print(f"backing file: {record.backing}")
     if record.duration_s is not None:
         print(f"duration: {record.duration_s:.1f} s")
     for err in record.errors:
@@ -266,4 +390,5 @@ _COMMANDS = {
     "resume": _resume,
     "set-speed": _set_speed,
     "info": _info,
+    "bitmap": _bitmap,
 }

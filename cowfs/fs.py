@@ -20,6 +20,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from .bitmap import BitmapStore
 from .busypoll import BusyPoller
 from .control import CONTROL_NAME, ControlServer
 from .job import Job
@@ -54,9 +55,17 @@ def _boundary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
 class LiveFS(pyfuse3.Operations):
     """A directory with one file, the live image; writes copy old clusters first."""
 
-    def __init__(self, job: Job, name: str, control: ControlServer, poller: BusyPoller) -> None:
+    def __init__(
+        self,
+        job: Job,
+        name: str,
+        control: ControlServer,
+        poller: BusyPoller,
+        dirty: BitmapStore,
+    ) -> None:
         super().__init__()
         self.poller = poller
+        self.dirty = dirty  # every change to the source is recorded in every dirty bitmap
         self.job = job
         self.fd = job.source_fd
         self.name = name.encode()
@@ -114,6 +123,8 @@ class LiveFS(pyfuse3.Operations):
         if fields.update_size:
             if attr.st_size < self.job.size:  # shrinking destroys data: copy it first
                 await self.job.copy_before_write(attr.st_size, self.job.size - attr.st_size)
+            old = os.fstat(self.fd).st_size
+            self.dirty.mark(min(old, attr.st_size), abs(old - attr.st_size))
             os.ftruncate(self.fd, attr.st_size)
         if fields.update_mode:
             os.fchmod(self.fd, stat.S_IMODE(attr.st_mode))
@@ -179,6 +190,7 @@ class LiveFS(pyfuse3.Operations):
             return len(buf)
         self.poller.request_seen()
         await self.job.copy_before_write(off, len(buf))
+        self.dirty.mark(off, len(buf))
         return os.pwrite(self.fd, buf, off)
 
     @_boundary

@@ -18,12 +18,13 @@ from datetime import UTC, datetime
 
 import trio
 from bitarray import bitarray
+from bitarray.util import zeros
 
 from .extents import data_clusters
 from .locks import ClusterClaims
 from .policy import Action, CbwPolicy, SourcePolicy, TargetPolicy, copier_action
 from .ratelimit import RateLimiter
-from .target import RawTarget
+from .target import Target
 from .transfer import copy_range
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ write waiting on a cluster in it waits about a millisecond."""
 class SyncMode(enum.StrEnum):
     FULL = "full"
     TOP = "top"
+    INCREMENTAL = "incremental"
     NONE = "none"
 
 
@@ -63,13 +65,25 @@ class JobOptions:
     cbw_timeout: float = 0.0
     """Seconds a copy-before-write may hold up a guest write before the snapshot is
     broken instead (0: no limit)."""
+    bitmap: str | None = None
+    """The dirty bitmap this job anchors (full, top) or copies (incremental)."""
 
 
 class Job:
     """Copy-before-write plus the copier's bookkeeping for one source and one target."""
 
-    def __init__(self, source_fd: int, source: str, target: RawTarget, options: JobOptions):
+    def __init__(
+        self,
+        source_fd: int,
+        source: str,
+        target: Target,
+        options: JobOptions,
+        incremental: bitarray | None = None,
+    ):
+        """`incremental`: for sync incremental, the clusters to copy (a dirty bitmap at
+        the point in time, one bit per cluster of this job)."""
         self.source_fd = source_fd
+        self.incremental = incremental
         self.source = source
         self.target = target
         self.options = options
@@ -104,23 +118,30 @@ class Job:
     def start(self) -> None:
         """Fix the point in time. Must run before the first request is served.
 
-        Clusters in holes of the source are done from the start: their old
-        content is zero and a fresh target already reads as zero there.
+        Which clusters the target needs follows from the sync mode; of those, the
+        ones in holes of the source are done from the start (their old content is
+        zero: the target is told so, which a fresh raw file already is). The copier
+        copies the selected ones; copy-before-write saves the rest of the needed
+        ones before they change (in `none` mode: all of them).
         """
         self.size = os.fstat(self.source_fd).st_size
         data = data_clusters(self.source_fd, self.size, self.cluster_size)
-        self.done = ~data
+        everything = ~zeros(len(data))
         match self.options.sync:
             case SyncMode.FULL:
-                self.selected = bitarray(len(data))
-                self.selected.setall(1)
-                for first, count in _runs(self.done):
-                    self.target.write_zeroes(*self._extent(first, count))
+                needed, self.selected = everything, everything
             case SyncMode.TOP:
-                self.selected = data.copy()
+                needed, self.selected = data, data.copy()
+            case SyncMode.INCREMENTAL:
+                assert self.incremental is not None, "incremental needs its bitmap"
+                needed = self.incremental[: len(data)]
+                needed.extend(zeros(len(data) - len(needed)))
+                self.selected = needed
             case SyncMode.NONE:
-                self.selected = bitarray(len(data))
-                self.selected.setall(0)
+                needed, self.selected = everything, zeros(len(data))
+        for first, count in _runs(needed & ~data):
+            self.target.write_zeroes(*self._extent(first, count))
+        self.done = ~(needed & data)
         self.point_in_time = datetime.now(UTC)
         self.started_mono = time.monotonic()
         self.state = JobState.RUNNING

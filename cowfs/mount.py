@@ -6,6 +6,7 @@ the copier finishes inside a shielded scope; the record says complete only
 after the target is durable. Holds no backup logic of its own.
 """
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pyfuse3
 import trio
+from bitarray import bitarray
 
 from . import preflight
+from .bitmap import BitmapStore, to_clusters
 from .busypoll import BusyPoller
 from .control import ControlServer
 from .copier import copy_in_background
@@ -25,11 +28,11 @@ from .daemon import Readiness, daemonize
 from .errors import EXIT_INCOMPLETE, EXIT_OK, CowfsError
 from .fs import LiveFS
 from .imagelock import Role, lock_image
-from .job import Job, JobOptions, JobState
+from .job import Job, JobOptions, JobState, SyncMode
 from .log import setup_logging
 from .progress import show_progress
 from .record import Record, log_path, record_path, write_record
-from .target import RawTarget
+from .target import Target, create_target
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ class MountRequest:
     mountpoint: Path
     target: Path
     options: JobOptions
+    fmt: str = "raw"
+    compress: bool = False
+    backing: Path | None = None
     force: bool = False
     allow_other: bool = False
     foreground: bool = False
@@ -60,44 +66,34 @@ def run_mount(req: MountRequest) -> int:
     source_st = preflight.check_source(source)
     preflight.check_mountpoint(mountpoint)
     preflight.check_target(target_path, source_st, mountpoint, req.force)
+    if req.backing is not None:
+        preflight.check_backing(req.backing, source_st, target_path)
 
-    source_fd = _open_locked(source, "source")
-    if target_path.exists():  # --force: never replace a file another job is using
-        try:
+    with contextlib.ExitStack() as undo:  # until the mount exists, a failure undoes it all
+        source_fd = _open_locked(source, "source")
+        undo.callback(os.close, source_fd)
+        if target_path.exists():  # --force: never replace a file another job is using
             os.close(_open_locked(target_path, "target"))
-        except CowfsError:
-            os.close(source_fd)
-            raise
-    tmp = target_path.with_name(f".{target_path.name}.cowfs-{os.getpid()}.tmp")
-    try:
-        target = RawTarget.create(tmp, source_st.st_size)
-    except OSError as e:
-        os.close(source_fd)
-        raise CowfsError(f"cannot create target {target_path}: {e.strerror}") from None
-    try:  # a new file: nobody else can hold it
-        fcntl.flock(target.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock_image(target.fd, target_path, "target")
-    except (OSError, CowfsError) as e:
-        target.close()
-        tmp.unlink()
-        os.close(source_fd)
-        raise CowfsError(f"cannot lock target {target_path}: {e}") from None
+        dirty = BitmapStore.load(source)
+        incremental = _start_bitmap(dirty, req, source_st.st_size)
+        tmp = target_path.with_name(f".{target_path.name}.cowfs-{os.getpid()}.tmp")
+        target = _create_target(tmp, target_path, source_st.st_size, req)
+        undo.callback(tmp.unlink)
+        undo.callback(target.close)
 
-    job = Job(source_fd, str(source), target, req.options)
-    stop = trio.Event()
-    control = ControlServer(job, str(mountpoint), stop_serving=stop.set)
-    poller = BusyPoller()
-    fs = LiveFS(job, source.name, control, poller)
-    try:
+        job = Job(source_fd, str(source), target, req.options, incremental)
+        stop = trio.Event()
+        control = ControlServer(job, str(mountpoint), stop_serving=stop.set)
+        poller = BusyPoller()
+        fs = LiveFS(job, source.name, control, poller, dirty)
         options = set(pyfuse3.default_options) | MOUNT_OPTIONS
         if req.allow_other:
             options.add("allow_other")
-        pyfuse3.init(fs, str(mountpoint), options)
-    except Exception as e:  # pyfuse3 raises RuntimeError with libfuse's reason
-        target.close()
-        tmp.unlink()
-        os.close(source_fd)
-        raise CowfsError(f"cannot mount on {mountpoint}: {e}") from None
+        try:
+            pyfuse3.init(fs, str(mountpoint), options)
+        except Exception as e:  # pyfuse3 raises RuntimeError with libfuse's reason
+            raise CowfsError(f"cannot mount on {mountpoint}: {e}") from None
+        undo.pop_all()
     os.replace(tmp, target_path)
     target.path = target_path
     record_path(target_path).unlink(missing_ok=True)
@@ -110,14 +106,70 @@ def run_mount(req: MountRequest) -> int:
         setup_logging(log_path(target_path), req.debug)
     saved = False
     try:
-        trio.run(_serve, job, poller, stop, readiness, req.progress)
+        trio.run(_serve, job, dirty, poller, stop, readiness, req.progress)
     except BaseException as e:
         readiness.failed(f"cowfs daemon failed: {e!r}")
         raise
     finally:
-        saved = _save_record(job, reserve=False)
+        if req.options.bitmap is not None:
+            dirty.end_job(req.options.bitmap, complete=job.state is JobState.COMPLETE)
+        bitmaps_saved = _save_bitmaps(dirty, None, source_fd)
+        saved = _save_record(job, reserve=False) and bitmaps_saved
     log.info("backup %s: %s", job.state, target_path)
     return EXIT_OK if job.state is JobState.COMPLETE and saved else EXIT_INCOMPLETE
+
+
+def _start_bitmap(dirty: BitmapStore, req: MountRequest, size: int) -> bitarray | None:
+    """Anchor or use the job's bitmap at the point in time; for an incremental, return
+    the clusters to copy. Refuses a bitmap that cannot be trusted."""
+    name = req.options.bitmap
+    if name is None:
+        return None
+    cluster_size = req.options.cluster_size
+    if req.options.sync is SyncMode.INCREMENTAL:
+        bitmap = dirty.get(name)
+        if not bitmap.consistent:
+            raise CowfsError(
+                f"bitmap {name!r} of {dirty.source} is inconsistent ({bitmap.reason}); "
+                f"take a full backup with --sync full --bitmap {name}"
+            )
+    bitmap = dirty.start_job(name, cluster_size, size)
+    if req.options.sync is not SyncMode.INCREMENTAL:
+        return None
+    assert bitmap.before_job is not None
+    return to_clusters(bitmap.before_job, bitmap.granularity, cluster_size)
+
+
+def _create_target(tmp: Path, final: Path, size: int, req: MountRequest) -> Target:
+    """A new target at `tmp` (renamed to `final` once mounted), locked like the source."""
+    backing = None
+    if req.backing is not None:  # relative to the target, as QEMU reads it: chains can move
+        backing = Path(os.path.relpath(req.backing.absolute(), final.parent))
+    try:
+        target = create_target(tmp, size, req.fmt, req.options.cluster_size, backing, req.compress)
+    except OSError as e:
+        raise CowfsError(f"cannot create target {final}: {e.strerror}") from None
+    try:  # a new file: nobody else can hold it
+        fcntl.flock(target.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_image(target.fd, final, "target")
+    except (OSError, CowfsError) as e:
+        target.close()
+        tmp.unlink()
+        raise CowfsError(f"cannot lock target {final}: {e}") from None
+    return target
+
+
+def _save_bitmaps(dirty: BitmapStore, in_use_by: int | None, source_fd: int) -> bool:
+    """Store the bitmaps at the end of a mount; a failure leaves them marked in use, which
+    reads as inconsistent: the next incremental is refused, never wrong."""
+    if not dirty.bitmaps and not dirty.path.exists():
+        return True
+    try:
+        dirty.save(in_use_by, os.fstat(source_fd))
+    except OSError as e:
+        log.error("cannot save the dirty bitmaps of %s: %s", dirty.source, e)
+        return False
+    return True
 
 
 def _open_locked(path: Path, role: Role) -> int:
@@ -141,11 +193,18 @@ def _open_locked(path: Path, role: Role) -> int:
 
 
 async def _serve(
-    job: Job, poller: BusyPoller, stop: trio.Event, readiness: Readiness, progress: bool
+    job: Job,
+    dirty: BitmapStore,
+    poller: BusyPoller,
+    stop: trio.Event,
+    readiness: Readiness,
+    progress: bool,
 ) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(copy_in_background, job)  # fixes the point in time
         _write_record(job, reserve=True)  # no record, no backup: this one must succeed
+        if dirty.bitmaps:  # a crash from here on leaves them marked in use: inconsistent
+            dirty.save(os.getpid(), os.fstat(job.source_fd))
         nursery.start_soon(_cancel_on_signals, job, stop)
         nursery.start_soon(_record_when_ended, job)
         if progress:
@@ -220,5 +279,7 @@ def _write_record(job: Job, reserve: bool) -> None:
         bytes_written=job.bytes_written,
         duration_s=float(status["elapsed_s"]),  # type: ignore[arg-type]
         errors=list(job.errors),
+        bitmap=job.options.bitmap,
+        backing=None if job.target.backing is None else str(job.target.backing),
     )
     write_record(record_path(Path(job.target.path)), record, reserve)

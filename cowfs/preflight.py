@@ -70,3 +70,17 @@ def check_target(target: Path, source: os.stat_result, mountpoint: Path, force: 
         raise CowfsError(f"target {target} exists and is not a regular file")
     if not force:
         raise CowfsError(f"target {target} exists (use --force to overwrite it)")
+
+
+def check_backing(backing: Path, source: os.stat_result, target: Path) -> None:
+    """The previous link of a chain: an existing regular file, neither source nor target."""
+    try:
+        st = os.stat(backing)
+    except OSError as e:
+        raise CowfsError(f"backing file {backing}: {e.strerror}") from None
+    if not os.path.isfile(backing):
+        raise CowfsError(f"backing file {backing} is not a regular file")
+    if (st.st_dev, st.st_ino) == (source.st_dev, source.st_ino):
+        raise CowfsError(f"backing file {backing} is the source itself")
+    if backing.absolute() == target.absolute():
+        raise CowfsError(f"backing file {backing} is the target itself")

@@ -47,6 +47,8 @@ class Record:
     bytes_written: int = 0
     duration_s: float | None = None
     errors: list[str] = field(default_factory=list)
+    bitmap: str | None = None
+    backing: str | None = None
     version: int = 1
 
 

@@ -1,6 +1,46 @@
 """Target formats. Each writes clusters at image offsets and knows nothing of FUSE or jobs."""
 
+from pathlib import Path
+from typing import Protocol
+
 from .qcow2 import Qcow2Target
 from .raw import RawTarget
 
-__all__ = ["Qcow2Target", "RawTarget"]
+FORMATS = ("raw", "qcow2")
+
+
+class Target(Protocol):
+    """What the job needs of a target; methods are blocking and thread-safe per cluster."""
+
+    path: Path
+    fd: int
+    format: str
+    backing: Path | None
+
+    def write(self, offset: int, data: memoryview) -> None: ...
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+    def fsync(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def create_target(
+    path: Path,
+    size: int,
+    fmt: str,
+    cluster_size: int,
+    backing: Path | None = None,
+    compress: bool = False,
+) -> Target:
+    """A new, empty target at `path` (which must not exist)."""
+    if fmt == "raw":
+        return RawTarget.create(path, size)
+    backing_format = None
+    if backing is not None:
+        with open(backing, "rb") as f:
+            backing_format = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    return Qcow2Target.create(
+        path, size, cluster_size, backing, backing_format or "raw", compress=compress
+    )
+
+
+__all__ = ["FORMATS", "Qcow2Target", "RawTarget", "Target", "create_target"]

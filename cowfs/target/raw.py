@@ -16,6 +16,7 @@ class RawTarget:
     """A raw image being written; methods are blocking and thread-safe (positional I/O)."""
 
     format = "raw"
+    backing: Path | None = None  # raw files have no backing file
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path

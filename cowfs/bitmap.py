@@ -1,0 +1,240 @@
+"""Dirty bitmaps: named, persistent records of the clusters written to a source.
+
+Owns the bitmaps of one source, their file (`.NAME.cowfs-bitmaps.json` beside the
+source) and the rules that keep them honest:
+- a mount marks the file *in use* before serving; only a clean end of the mount
+  stores the bits as consistent, with the source's identity (device, inode, size,
+  mtime). A mount that died leaves *in use*: every bitmap is inconsistent then.
+- a source whose identity changed since (written outside cowfs) makes every
+  bitmap inconsistent, since writes may have been missed.
+- a bitmap used by a job (anchored or copied by an incremental) restarts empty at
+  the point in time and collects the writes after it (QEMU's successor); when the
+  job fails, the bits it started from are merged back (reclaim), so the next
+  incremental misses nothing.
+A damaged file is a clear error, never an empty bitmap. Never touches the source's
+data; callers hold the source's lock while they change bitmaps.
+"""
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bitarray import bitarray
+from bitarray.util import zeros
+
+from .errors import CowfsError
+from .record import pid_alive
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+DEFAULT_GRANULARITY = 64 << 10
+
+
+@dataclass
+class DirtyBitmap:
+    name: str
+    granularity: int
+    bits: bitarray
+    consistent: bool = True
+    reason: str | None = None
+    """Why the bitmap cannot be trusted (when not consistent)."""
+    before_job: bitarray | None = field(default=None, repr=False)
+    """The bits a running job started from; merged back if the job fails."""
+    new: bool = False
+    """Created for the running job: if its job fails, nothing anchors it."""
+
+    def dirty_bytes(self, size: int) -> int:
+        return min(self.bits.count() * self.granularity, size)
+
+    def mark(self, offset: int, length: int) -> None:
+        first, last = offset // self.granularity, (offset + length - 1) // self.granularity
+        if last >= len(self.bits):
+            self.bits.extend(zeros(last + 1 - len(self.bits)))
+        self.bits[first : last + 1] = 1
+
+    def distrust(self, reason: str) -> None:
+        if self.consistent:
+            self.consistent, self.reason = False, reason
+
+
+def store_path(source: Path) -> Path:
+    return source.with_name(f".{source.name}.cowfs-bitmaps.json")
+
+
+def identity(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+class BitmapStore:
+    """All bitmaps of one source, loaded from and saved to its bitmap file."""
+
+    def __init__(self, source: Path, bitmaps: dict[str, DirtyBitmap]) -> None:
+        self.source = source
+        self.path = store_path(source)
+        self.bitmaps = bitmaps
+        self.in_use_by: int | None = None
+
+    # -- loading and saving ----------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: Path) -> "BitmapStore":
+        """The source's bitmaps (none if it has no file); a damaged file is a CowfsError."""
+        path = store_path(source)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls(source, {})
+        except OSError as e:
+            raise CowfsError(f"cannot read the bitmap file {path}: {e.strerror}") from None
+        try:
+            doc = json.loads(raw)
+            bitmaps = {b["name"]: _decode(b) for b in doc["bitmaps"]}
+            in_use, stored_identity = doc["in_use_by"], doc["identity"]
+        except (ValueError, KeyError, TypeError, zlib.error) as e:
+            raise CowfsError(
+                f"the bitmap file {path} is damaged ({e}); remove it and take a full backup"
+            ) from None
+        store = cls(source, bitmaps)
+        if in_use is not None and pid_alive(in_use):
+            store.in_use_by = in_use  # a live mount owns them; it holds the source's lock
+        elif in_use is not None:
+            store._distrust(f"a mount of the source died (pid {in_use}): writes may be missed")
+        elif stored_identity != identity(os.stat(source)):
+            store._distrust("the source changed outside cowfs")
+        return store
+
+    def save(self, in_use_by: int | None, source_st: os.stat_result) -> None:
+        """Replace the file atomically. `in_use_by` marks a live mount (a crash then leaves
+        it marked); `source_st` is the source as this save leaves it."""
+        doc = {
+            "version": VERSION,
+            "in_use_by": in_use_by,
+            "identity": identity(source_st),
+            "bitmaps": [_encode(b) for b in self.bitmaps.values()],
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(doc, indent=1).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _distrust(self, reason: str) -> None:
+        for bitmap in self.bitmaps.values():
+            bitmap.distrust(reason)
+
+    # -- the bitmap command ------------------------------------------------------------
+
+    def get(self, name: str) -> DirtyBitmap:
+        try:
+            return self.bitmaps[name]
+        except KeyError:
+            raise CowfsError(
+                f"{self.source} has no bitmap {name!r}; create it with a full backup: "
+                f"--sync full --bitmap {name}"
+            ) from None
+
+    def add(self, name: str, granularity: int, size: int) -> DirtyBitmap:
+        if name in self.bitmaps:
+            raise CowfsError(f"{self.source} already has a bitmap {name!r}")
+        if not name or "/" in name or not name.isprintable():
+            raise CowfsError(f"bad bitmap name {name!r}")
+        bitmap = DirtyBitmap(name, granularity, zeros(-(-size // granularity)))
+        self.bitmaps[name] = bitmap
+        return bitmap
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        del self.bitmaps[name]
+
+    def clear(self, name: str) -> None:
+        self.get(name).bits.setall(0)
+
+    # -- a mount ------------------------------------------------------------------------
+
+    def mark(self, offset: int, length: int) -> None:
+        """Record a write (or a truncate's changed range) in every bitmap."""
+        if length > 0:
+            for bitmap in self.bitmaps.values():
+                bitmap.mark(offset, length)
+
+    def start_job(self, name: str, granularity: int, size: int) -> DirtyBitmap:
+        """At the point in time: `name` (created if missing) restarts empty to collect the
+        writes after it; what it held is kept aside for `end_job`."""
+        bitmap = self.bitmaps.get(name)
+        if bitmap is None:
+            bitmap = self.add(name, granularity, size)
+            bitmap.new = True
+        bitmap.before_job = bitmap.bits.copy()
+        bitmap.bits.setall(0)
+        bitmap.consistent, bitmap.reason = True, None
+        return bitmap
+
+    def end_job(self, name: str, complete: bool) -> None:
+        """Success: the bitmap holds the writes since the point in time. Otherwise the
+        writes it held before come back (a new bitmap anchors nothing: distrusted)."""
+        bitmap = self.bitmaps[name]
+        if not complete and bitmap.before_job is not None:
+            if bitmap.new:
+                bitmap.distrust("the full backup that was to anchor it did not complete")
+            size = max(len(bitmap.bits), len(bitmap.before_job))
+            for bits in (bitmap.bits, bitmap.before_job):
+                bits.extend(zeros(size - len(bits)))
+            bitmap.bits |= bitmap.before_job
+        bitmap.before_job, bitmap.new = None, False
+
+
+def _encode(bitmap: DirtyBitmap) -> dict:
+    packed = zlib.compress(bitmap.bits.tobytes())
+    return {
+        "name": bitmap.name,
+        "granularity": bitmap.granularity,
+        "nbits": len(bitmap.bits),
+        "consistent": bitmap.consistent,
+        "reason": bitmap.reason,
+        "bits": base64.b64encode(packed).decode(),
+        "sha256": hashlib.sha256(packed).hexdigest(),
+    }
+
+
+def _decode(doc: dict) -> DirtyBitmap:
+    packed = base64.b64decode(doc["bits"], validate=True)
+    if hashlib.sha256(packed).hexdigest() != doc["sha256"]:
+        raise ValueError(f"checksum mismatch in bitmap {doc['name']!r}")
+    bits = bitarray()
+    bits.frombytes(zlib.decompress(packed))
+    nbits = int(doc["nbits"])
+    if nbits > len(bits):
+        raise ValueError(f"bitmap {doc['name']!r} is short")
+    granularity = int(doc["granularity"])
+    if granularity <= 0 or granularity & (granularity - 1):
+        raise ValueError(f"bitmap {doc['name']!r} has a bad granularity")
+    return DirtyBitmap(
+        str(doc["name"]), granularity, bits[:nbits], bool(doc["consistent"]), doc["reason"]
+    )
+
+
+def to_clusters(bits: bitarray, granularity: int, cluster_size: int) -> bitarray:
+    """The job clusters (of `cluster_size`) that overlap any set bit (of `granularity`)."""
+    if granularity == cluster_size:
+        return bits.copy()
+    if granularity > cluster_size:  # each bit covers several clusters
+        per = granularity // cluster_size
+        out = bitarray()
+        for bit in bits:
+            out.extend([bit] * per)
+        return out
+    per = cluster_size // granularity  # several bits per cluster
+    padded = bits + zeros(-len(bits) % per)
+    return bitarray(padded[i : i + per].any() for i in range(0, len(padded), per))
