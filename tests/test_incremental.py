@@ -1,0 +1,519 @@
+"""Incremental backups through real mounts (issue 3): dirty bitmaps and qcow2 chains.
+
+Why: a chain of incrementals is worth something only if every link restores the
+source exactly as it was at that link's point in time, with QEMU's own tools,
+whatever happened between and during the backups: writes through other mounts,
+writes while the incremental copies, a cancelled or failed incremental, a daemon
+killed with -9. A bitmap that misses one write makes every later link silently
+wrong, so each test keeps a copy of the source taken just before each mount (the
+point in time, "PIT copy"), judges every link with `qemu-img check`, `qemu-img
+compare` and `qemu-img convert`, and checks that the bitmap holds exactly the
+clusters written since the last point in time that anchored it. A refused mount
+must refuse before it creates or changes anything.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pytest
+from conftest import (
+    CowfsRunner,
+    Mounted,
+    SmallFS,
+    cowfs_mounts,
+    files_equal,
+    make_image,
+    run_cowfs,
+    wait_until,
+)
+from test_lifecycle import assert_gone, assert_one_error_line, info, record, write_live
+from test_qcow2 import assert_identical, check_clean, qemu_img, qemu_json
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZE = 16 * MiB
+CLUSTER = 64 * KiB
+"""The default cluster size of a job and granularity of a bitmap."""
+BITMAP = "nightly"
+FULL_SPEED = "16M"
+"""A full copy of SIZE takes about a second: the writes of a test surely land during it."""
+INC_SPEED = "2M"
+"""An incremental of a few hundred KiB is still copying while the test writes."""
+SLOW_SPEED = "512K"
+"""An incremental of 2 MiB needs seconds: still copying when the test cancels it."""
+BUDGET = SIZE // CLUSTER // 40
+"""Clusters touched by the writes of one phase (2.5 %): an incremental copies two
+phases' worth, under 10 % of the image."""
+
+IN_PROGRESS = pytest.mark.xfail(strict=False, reason="issue 3 in progress")
+
+Write = tuple[int, bytes]
+
+
+# -- helpers shared with test_bitmaps.py ---------------------------------------------------
+
+
+def bitmaps_file(source: Path) -> Path:
+    """Where all bitmaps of `source` live: one JSON file beside it."""
+    return source.with_name(f".{source.name}.cowfs-bitmaps.json")
+
+
+def bitmaps(source: Path) -> dict[str, dict]:
+    """`cowfs bitmap list SOURCE --json`, by name."""
+    result = run_cowfs("bitmap", "list", source, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = json.loads(result.stdout)
+    assert isinstance(listed, list), listed
+    return {b["name"]: b for b in listed}
+
+
+def clusters_of(writes: Iterable[Write], granularity: int = CLUSTER) -> set[int]:
+    """Indices of the clusters (of `granularity` bytes) the writes touch."""
+    touched: set[int] = set()
+    for offset, data in writes:
+        if data:
+            last = offset + len(data) - 1
+            touched.update(range(offset // granularity, last // granularity + 1))
+    return touched
+
+
+def assert_dirty(source: Path, name: str, writes: Iterable[Write]) -> None:
+    """Bitmap `name` is consistent and holds exactly the clusters `writes` touched."""
+    bitmap = bitmaps(source)[name]
+    assert bitmap["consistent"] is True, bitmap
+    granularity = bitmap["granularity"]
+    size = source.stat().st_size
+    dirty = clusters_of(writes, granularity)
+    whole = len(dirty) * granularity
+    clamped = sum(min(granularity, size - c * granularity) for c in dirty)
+    assert bitmap["dirty_bytes"] in (whole, clamped), (bitmap, sorted(dirty))
+
+
+def random_writes(
+    rng: random.Random, size: int, budget: int, hot: Iterable[int] = (), most: int = 40
+) -> list[Write]:
+    """Writes touching at most `budget` clusters: random data of any length (1 B to
+    128 KiB) and alignment, whole zero clusters (an incremental must store them as
+    zeros, not leave them to the backing file), whole compressible clusters, and some
+    aimed at the `hot` clusters (dirty ones, which the copier has still to copy)."""
+    hot = sorted(hot)
+    whole_clusters = size // CLUSTER
+    writes: list[Write] = []
+    touched: set[int] = set()
+    while len(writes) < most:
+        kind = rng.random()
+        if kind < 0.3:
+            offset = rng.randrange(whole_clusters) * CLUSTER
+            if hot and rng.random() < 0.5:
+                offset = min(rng.choice(hot), whole_clusters - 1) * CLUSTER
+            data = bytes(CLUSTER) if kind < 0.15 else (rng.randbytes(16) + bytes(48)) * 1024
+        else:
+            length = int(2 ** rng.uniform(0, 17))
+            if hot and rng.random() < 0.4:
+                offset = min(rng.choice(hot) * CLUSTER + rng.randrange(CLUSTER), size - 1)
+            else:
+                offset = rng.randrange(size)
+            data = rng.randbytes(min(length, size - offset))
+        grown = touched | clusters_of([(offset, data)])
+        if len(grown) > budget:
+            break
+        touched = grown
+        writes.append((offset, data))
+    assert writes, "budget too small for one write"
+    return writes
+
+
+def snapshot(source: Path, copy: Path) -> Path:
+    shutil.copyfile(source, copy)
+    return copy
+
+
+def backup(
+    cowfs: CowfsRunner,
+    source: Path,
+    target: Path,
+    *options: str,
+    writes: Sequence[Write] = (),
+    speed: str = FULL_SPEED,
+) -> Path:
+    """One backup that must complete, with `writes` through the live file while it runs.
+    Returns the PIT copy: the source as it was just before the mount."""
+    pit = snapshot(source, target.with_name(target.name + ".pit"))
+    m = cowfs.mount(source, target, "--speed", speed, *options)
+    for offset, data in writes:
+        write_live(m, data, offset)
+    result = m.finish()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == "complete", result.stdout
+    assert_gone(m)
+    return pit
+
+
+def full_backup(
+    cowfs: CowfsRunner, source: Path, target: Path, writes: Sequence[Write] = (), *extra: str
+) -> Path:
+    return backup(cowfs, source, target, "--bitmap", BITMAP, *extra, writes=writes)
+
+
+def writes_between(cowfs: CowfsRunner, source: Path, target: Path, writes: Sequence[Write]) -> None:
+    """Writes through a mount that backs up nothing of interest (`--sync none` into a
+    throwaway target): a VM running on the live file between two backups."""
+    backup(cowfs, source, target, "--sync", "none", writes=writes)
+
+
+def incremental_options(backing: Path, name: str = BITMAP) -> list[str]:
+    return ["--sync", "incremental", "--bitmap", name, "--backing", str(backing)]
+
+
+def assert_restores(link: Path, pit: Path) -> dict:
+    """A link judged by QEMU: check clean, compare identical to its PIT copy, and a
+    `qemu-img convert` to raw gives back the PIT copy byte for byte. Returns the
+    check report."""
+    report = check_clean(link)
+    assert_identical(link, pit)
+    restored = link.with_name(link.name + ".restored")
+    done = qemu_img("convert", "-f", "qcow2", "-O", "raw", link, restored)
+    assert done.returncode == 0, done.stderr
+    size = pit.stat().st_size
+    assert restored.stat().st_size == -(-size // 512) * 512  # QEMU counts whole sectors
+    assert files_equal(restored, pit, limit=size)
+    with open(restored, "rb") as f:
+        f.seek(size)
+        assert not any(f.read())
+    restored.unlink()
+    return report
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `root` with its size and mtime: to prove nothing changed."""
+    found = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            found[os.path.relpath(os.path.join(folder, name), root)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def refused_mount(
+    cowfs: CowfsRunner, tmp_path: Path, source: Path, target: Path, *options: str
+) -> str:
+    """A mount that must be refused: exit 2 with one line, and nothing created or
+    changed (no target, no record, no log, bitmaps untouched, nothing mounted).
+    Returns the error line."""
+    mnt = tmp_path / "mnt-refused"
+    mnt.mkdir(exist_ok=True)
+    files = tree(tmp_path)
+    result = run_cowfs("mount", source, mnt, "--target", target, *options)
+    if result.returncode == 0:  # a bug: let teardown take that daemon down too
+        pid = json.loads(run_cowfs("status", mnt, "--json").stdout)["pid"]
+        cowfs.started.append(Mounted(source, mnt, target, pid))
+    assert_one_error_line(result)
+    assert str(mnt) not in cowfs_mounts()
+    assert not os.listdir(mnt)
+    assert tree(tmp_path) == files
+    return result.stderr.strip()
+
+
+def kill9(m: Mounted) -> None:
+    """kill -9 the daemon and wait until its mount is gone."""
+    os.kill(m.pid, signal.SIGKILL)
+    m.wait_exit()
+    try:
+        wait_until(lambda: not m.is_mounted(), 5, "auto_unmount after kill -9")
+    except TimeoutError:
+        subprocess.run(["fusermount3", "-u", str(m.mountpoint)], capture_output=True)
+    assert not m.is_mounted()
+
+
+# -- a chain, link by link -----------------------------------------------------------------
+
+
+@IN_PROGRESS
+@pytest.mark.parametrize(
+    ("seed", "full_sync", "compress", "size", "suffix"),
+    [
+        (1, "full", False, SIZE, ".qcow2"),
+        (2, "top", False, SIZE, ".qcow2"),
+        (3, "full", True, SIZE, ".qcow2"),
+        (4, "top", True, SIZE - 3000, ".bak"),  # a partial last cluster; --format qcow2
+    ],
+    ids=["full", "top", "full-compress", "top-compress-odd-size"],
+)
+def test_chain_restores_every_link(
+    cowfs: CowfsRunner,
+    tmp_path: Path,
+    seed: int,
+    full_sync: str,
+    compress: bool,
+    size: int,
+    suffix: str,
+) -> None:
+    """full → (writes) → inc1 → (writes) → inc2 → (writes) → inc3, with writes during
+    every backup too: every link equals the source at its own point in time, and each
+    incremental is a small fraction of the full."""
+    rng = random.Random(seed)
+    source = make_image(tmp_path / "disk.img", size, seed=seed, holes=full_sync == "top")
+    fmt = ["--format", "qcow2"] if suffix != ".qcow2" else []
+    squeeze = ["--compress"] if compress else []
+
+    during = random_writes(rng, size, BUDGET)
+    full = tmp_path / f"full{suffix}"
+    pit = full_backup(cowfs, source, full, during, "--sync", full_sync, *fmt)
+    assert_dirty(source, BITMAP, during)  # anchored at the point in time
+    rec = record(full)
+    assert (rec["sync"], rec["bitmap"], rec["backing"]) == (full_sync, BITMAP, None)
+    links = [(full, pit)]
+
+    for n in (1, 2, 3):
+        hot = clusters_of(during)
+        between = random_writes(rng, size, BUDGET, hot)
+        writes_between(cowfs, source, tmp_path / f"between{n}.img", between)
+        assert_dirty(source, BITMAP, during + between)
+
+        previous = links[-1][0]
+        during = random_writes(rng, size, BUDGET, hot | clusters_of(between))
+        inc = tmp_path / f"inc{n}{suffix}"
+        options = [*incremental_options(previous), *fmt, *squeeze]
+        pit = backup(cowfs, source, inc, *options, writes=during, speed=INC_SPEED)
+        assert_dirty(source, BITMAP, during)  # exactly the writes since this point in time
+        links.append((inc, pit))
+
+        report = assert_restores(inc, pit)
+        if compress:
+            assert report.get("compressed-clusters", 0) > 0, report
+        assert inc.stat().st_size < 0.3 * full.stat().st_size, (inc.stat(), full.stat())
+        rec = record(inc)
+        assert (rec["sync"], rec["bitmap"]) == ("incremental", BITMAP)
+        assert Path(rec["backing"]).absolute() == previous.absolute()
+        image = qemu_json("info", inc)
+        assert Path(image["backing-filename"]).name == previous.name
+        assert image.get("backing-filename-format") == "qcow2", image
+
+    # Building later links changed none of the earlier ones.
+    for link, pit in links:
+        assert_restores(link, pit)
+    chain = qemu_json("info", "--backing-chain", links[-1][0])
+    assert [Path(i["filename"]).name for i in chain] == [link.name for link, _ in links[::-1]]
+
+    shown = run_cowfs("info", links[-1][0])
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    out = shown.stdout
+    positions = [out.find(link.name) for link, _ in links[::-1]]
+    assert -1 not in positions and positions == sorted(positions), out
+    for link, _ in links:
+        assert record(link)["point_in_time"] in out, out
+    for word in ("incremental", full_sync, BITMAP):
+        assert word in out, out
+
+
+# -- an incremental that does not finish -------------------------------------------------
+
+
+@IN_PROGRESS
+@pytest.mark.parametrize("retry_into", ["a new target", "the same target with --force"])
+@pytest.mark.parametrize("seed", [5, 6])
+def test_cancelled_incremental_loses_nothing(
+    cowfs: CowfsRunner, tmp_path: Path, seed: int, retry_into: str
+) -> None:
+    """Cancelled while copying: the bitmap keeps the union of what it held and the
+    writes made during the cancelled job, so the retry catches everything."""
+    rng = random.Random(seed)
+    source = make_image(tmp_path / "disk.img", SIZE, seed=seed, holes=False)
+    full = tmp_path / "full.qcow2"
+    full_pit = full_backup(cowfs, source, full)
+    between = random_writes(rng, SIZE, SIZE // CLUSTER // 8)  # 2 MiB: seconds to copy
+    writes_between(cowfs, source, tmp_path / "between.img", between)
+    assert_dirty(source, BITMAP, between)
+
+    cancelled = tmp_path / "inc1.qcow2"
+    m = cowfs.mount(source, cancelled, "--speed", SLOW_SPEED, *incremental_options(full))
+    during = random_writes(rng, SIZE, 8, clusters_of(between))
+    for offset, data in during:
+        write_live(m, data, offset)
+    st = m.status()
+    assert st["state"] == "running" and st["bytes_done"] < st["bytes_total"], st
+    result = run_cowfs("cancel", m.mountpoint)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == "cancelled"
+    assert_gone(m)
+    assert info(cancelled) == (1, "cancelled")
+    assert_dirty(source, BITMAP, between + during)  # the union: nothing lost
+
+    later = random_writes(rng, SIZE, 4)
+    writes_between(cowfs, source, tmp_path / "between2.img", later)
+    assert_dirty(source, BITMAP, between + during + later)
+    retry = cancelled if retry_into.startswith("the same") else tmp_path / "inc1b.qcow2"
+    force = ["--force"] if retry == cancelled else []
+    last = random_writes(rng, SIZE, 4)
+    pit = backup(cowfs, source, retry, *incremental_options(full), *force, writes=last)
+    assert_restores(retry, pit)
+    assert_restores(full, full_pit)
+    assert_dirty(source, BITMAP, last)
+    assert info(retry)[0] == 0
+
+
+@IN_PROGRESS
+def test_failed_incremental_loses_nothing(
+    cowfs: CowfsRunner, small_fs: SmallFS, tmp_path: Path
+) -> None:
+    """The incremental's target fills up (ENOSPC, a real tmpfs): the job fails, the
+    bitmap keeps the union, and the next incremental elsewhere catches everything."""
+    rng = random.Random(7)
+    source = make_image(tmp_path / "disk.img", SIZE, seed=7, holes=False)
+    full = tmp_path / "full.qcow2"
+    full_backup(cowfs, source, full)
+    between = random_writes(rng, SIZE, SIZE // CLUSTER // 8)
+    writes_between(cowfs, source, tmp_path / "between.img", between)
+
+    failed = small_fs.path / "inc1.qcow2"
+    m = cowfs.mount(source, failed, "--speed", SLOW_SPEED, *incremental_options(full))
+    during = random_writes(rng, SIZE, 8, clusters_of(between))
+    for offset, data in during[: len(during) // 2]:
+        write_live(m, data, offset)
+    small_fs.fill()
+
+    def ended() -> bool:
+        try:
+            return m.status()["state"] != "running"
+        except subprocess.CalledProcessError:
+            return True
+
+    wait_until(ended, 30, "the job to notice the full target")
+    for offset, data in during[len(during) // 2 :]:
+        write_live(m, data, offset)  # the guest goes on; these writes belong to the bitmap
+    assert m.finish().returncode == 1
+    assert_gone(m)
+    assert info(failed) == (1, "failed")
+    assert_dirty(source, BITMAP, between + during)
+
+    small_fs.free()
+    retry = tmp_path / "inc1.qcow2"
+    last = random_writes(rng, SIZE, 4)
+    pit = backup(cowfs, source, retry, *incremental_options(full), writes=last)
+    assert_restores(retry, pit)
+    assert_dirty(source, BITMAP, last)
+
+
+# -- a daemon killed with -9 ---------------------------------------------------------------
+
+
+@IN_PROGRESS
+@pytest.mark.parametrize("killed", ["none", "incremental"])
+def test_kill9_makes_bitmaps_inconsistent_until_a_full(
+    cowfs: CowfsRunner, tmp_path: Path, killed: str
+) -> None:
+    """Writes the dead daemon took with it may be missing from every bitmap of the
+    source: all become inconsistent, an incremental is refused with the fix, and a
+    full with --bitmap re-anchors that bitmap (and only that one)."""
+    rng = random.Random(8)
+    source = make_image(tmp_path / "disk.img", SIZE, seed=8, holes=False)
+    added = run_cowfs("bitmap", "add", source, "other")
+    assert added.returncode == 0, added.stderr
+    full = tmp_path / "full.qcow2"
+    full_backup(cowfs, source, full)
+    writes_between(cowfs, source, tmp_path / "between.img", random_writes(rng, SIZE, BUDGET))
+
+    if killed == "none":
+        m = cowfs.mount(source, tmp_path / "killed.img", "--sync", "none")
+    else:
+        target = tmp_path / "killed.qcow2"
+        m = cowfs.mount(source, target, "--speed", SLOW_SPEED, *incremental_options(full))
+    for offset, data in random_writes(rng, SIZE, BUDGET):
+        write_live(m, data, offset)
+    kill9(m)
+
+    maps = bitmaps(source)
+    assert maps[BITMAP]["consistent"] is False, maps
+    assert maps["other"]["consistent"] is False, maps
+    listed = run_cowfs("bitmap", "list", source)
+    assert listed.returncode == 0, listed.stderr
+    row = [line for line in listed.stdout.splitlines() if BITMAP in line]
+    assert len(row) == 1 and "inconsistent" in row[0], listed.stdout
+
+    message = refused_mount(
+        cowfs, tmp_path, source, tmp_path / "inc1.qcow2", *incremental_options(full)
+    )
+    assert "inconsistent" in message
+    assert f"--sync full --bitmap {BITMAP}" in message
+
+    during = random_writes(rng, SIZE, BUDGET)
+    full2 = tmp_path / "full2.qcow2"
+    full2_pit = full_backup(cowfs, source, full2, during)
+    assert_dirty(source, BITMAP, during)
+    assert bitmaps(source)["other"]["consistent"] is False
+    last = random_writes(rng, SIZE, BUDGET)
+    inc = tmp_path / "inc1.qcow2"
+    pit = backup(cowfs, source, inc, *incremental_options(full2), writes=last, speed=INC_SPEED)
+    assert_restores(full2, full2_pit)
+    assert_restores(inc, pit)
+    assert_dirty(source, BITMAP, last)
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def anchored(cowfs: CowfsRunner, tmp_path: Path) -> tuple[Path, Path]:
+    """A source with a complete full backup that anchored BITMAP: (source, full)."""
+    source = make_image(tmp_path / "disk.img", 8 * MiB, seed=9, holes=False)
+    full = tmp_path / "full.qcow2"
+    full_backup(cowfs, source, full)
+    return source, full
+
+
+REFUSALS = {
+    "incremental into raw (by name)": (
+        ["inc.img", "--sync", "incremental", "--bitmap", BITMAP],
+        ["qcow2"],
+    ),
+    "incremental into raw (--format)": (
+        ["inc.qcow2", "--format", "raw", "--sync", "incremental", "--bitmap", BITMAP],
+        ["qcow2"],
+    ),
+    "incremental without --bitmap": (
+        ["inc.qcow2", "--sync", "incremental", "--backing", "{full}"],
+        ["--bitmap"],
+    ),
+    "incremental with an unknown bitmap": (
+        ["inc.qcow2", "--sync", "incremental", "--bitmap", "weekly", "--backing", "{full}"],
+        ["weekly", "--sync full --bitmap"],
+    ),
+    "--compress into raw": (["x.img", "--compress"], []),
+    "--backing into raw": (["x.img", "--backing", "{full}"], []),
+    "--compress with --format raw": (["x.qcow2", "--format", "raw", "--compress"], []),
+}
+
+
+@IN_PROGRESS
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refused_mounts(
+    cowfs: CowfsRunner, tmp_path: Path, anchored: tuple[Path, Path], case: str
+) -> None:
+    source, full = anchored
+    args, words = REFUSALS[case]
+    target, *options = (a.format(full=full) for a in args)
+    message = refused_mount(cowfs, tmp_path, source, tmp_path / target, *options)
+    for word in words:
+        assert word in message, message
+
+
+@IN_PROGRESS
+def test_incremental_of_a_source_without_bitmaps_is_refused(
+    cowfs: CowfsRunner, tmp_path: Path
+) -> None:
+    source = make_image(tmp_path / "disk.img", 8 * MiB, seed=10, holes=False)
+    base = tmp_path / "base.qcow2"
+    done = qemu_img("create", "-f", "qcow2", base, str(8 * MiB))
+    assert done.returncode == 0, done.stderr
+    message = refused_mount(
+        cowfs, tmp_path, source, tmp_path / "inc.qcow2", *incremental_options(base)
+    )
+    assert BITMAP in message and "--sync full --bitmap" in message, message
+    assert not bitmaps_file(source).exists()
