@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import VERSION
 from .bitmap import BitmapStore
@@ -297,7 +297,7 @@ def _bitmap(args: argparse.Namespace) -> int:
 
 def _bitmap_list(store: BitmapStore, as_json: bool) -> int:
     size = os.stat(store.source).st_size
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": b.name,
             "consistent": b.consistent,

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import trio
 from bitarray import bitarray
@@ -261,15 +262,8 @@ class Job:
                         nowait=True,
                     )
             if written is None:
-                written = await trio.to_thread.run_sync(
-                    copy_range,
-                    self.source_fd,
-                    self.target,
-                    offset,
-                    length,
-                    self.cluster_size,
-                    bytearray(length),
-                    abandon_on_cancel=True,
+                written = await self._copy_in_thread(
+                    offset, length, bytearray(length), abandon_on_cancel=True
                 )
         except OSError as e:
             reason = f"copy-before-write: {e.strerror}"
@@ -292,24 +286,30 @@ class Job:
         None if it failed and the error policy wants the clusters tried again."""
         offset, length = self._extent(first, count)
         try:
-            written = await trio.to_thread.run_sync(
-                copy_range,
-                self.source_fd,
-                self.target,
-                offset,
-                length,
-                self.cluster_size,
-                buf,
-                limiter=self._io_limiter,
-            )
+            written = await self._copy_in_thread(offset, length, buf, limiter=self._io_limiter)
         except OSError as e:
-            return self._copier_failed(e)
+            self._copier_failed(e)
+            return None
         finally:
             self.claims.release(first, count)
         self._mark_done(first, count)
         self.bytes_copier += length
         self.bytes_written += written
         return length
+
+    async def _copy_in_thread(
+        self, offset: int, length: int, buf: bytearray, **to_thread: Any
+    ) -> int:
+        return await trio.to_thread.run_sync(
+            copy_range,
+            self.source_fd,
+            self.target,
+            offset,
+            length,
+            self.cluster_size,
+            buf,
+            **to_thread,
+        )
 
     def _copier_failed(self, error: OSError) -> None:
         reason = f"copier: {error.strerror}"
@@ -323,7 +323,6 @@ class Job:
             log.error("%s; retrying", reason)
         else:
             self.fail(reason)
-        return None
 
     def _mark_done(self, first: int, count: int) -> None:
         self.done[first : first + count] = 1

@@ -6,4 +6,5 @@ cd "$root"
 scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy cowfs
 .venv/bin/python -m pytest "$@"
