@@ -263,6 +263,7 @@ class Writer(threading.Thread):
         self.rng = random.Random(seed)
         self.stop = threading.Event()
         self.writes = 0
+        self.error: OSError | None = None
 
     def run(self) -> None:
         fd = os.open(self.live, os.O_RDWR)
@@ -272,8 +273,8 @@ class Writer(threading.Thread):
                 offset = self.rng.randrange(0, SIZE - length)
                 os.pwrite(fd, self.rng.randbytes(length), offset)
                 self.writes += 1
-        except OSError:
-            pass  # the daemon was killed under us: that is the point
+        except OSError as e:
+            self.error = e  # expected once the daemon is killed under us; a failure before
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -302,7 +303,12 @@ def test_kill9_never_says_complete(
         if moment == "cbw":
             writer.start()
             threshold = rng.randint(1, 8) * CLUSTER
-            wait_until(lambda: m.status()["bytes_cbw"] >= threshold, 20, "copy-before-write")
+            wait_until(
+                lambda: writer.error is not None or m.status()["bytes_cbw"] >= threshold,
+                20,
+                "copy-before-write",
+            )
+            assert writer.error is None, f"guest write failed before the kill: {writer.error}"
         elif moment == "copier":
             threshold = int(rng.uniform(0.05, 0.9) * SIZE)
             wait_until(lambda: m.status()["bytes_done"] >= threshold, 20, "copier progress")
