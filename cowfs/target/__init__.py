@@ -35,8 +35,8 @@ def create_target(
     if fmt == "raw":
         return RawTarget.create(path, size)
     backing_format = None
-    if backing is not None:
-        with open(backing, "rb") as f:
+    if backing is not None:  # a relative name is relative to the target, as QEMU reads it
+        with open(path.parent / backing, "rb") as f:
             backing_format = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
     return Qcow2Target.create(
         path, size, cluster_size, backing, backing_format or "raw", compress=compress
