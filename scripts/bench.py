@@ -24,6 +24,17 @@ Per repetition (medians over `--repeat`):
       QEMU's job (+fsync) and `cp --sparse=always` (+fsync).
   (d) peak RSS (VmHWM) of the daemon on a 1 TiB sparse source: sync top (writes
       through the mount, copier done, finish) and sync full (mount, status, cancel).
+  (e) incremental backups (issue 3) with `--dirty` (1 %, 10 %) of the image dirty: a
+      qcow2 full backup anchoring a bitmap, random 64K writes through a `--sync none`
+      mount, then an incremental with no writer, mount -> finish (+fsync). Its time must
+      follow the dirty data, not the image size, so it is shown against cowfs's own full
+      backup, and against QEMU's incremental job of the very same dirty set (the anchor's
+      `bench --sync incremental --phases nowriter`: its phase-1 writer has the same seed,
+      block size and total as ours). Both incrementals must equal the source as it was.
+  (f) compressed full backup (issue 3): `--compress` into qcow2 (mount -> finish, +fsync)
+      vs `qemu-img convert -c -O qcow2` (+fsync) of the same image: time and file size.
+
+`--phases` picks any of a-f (default all); figures of a `--py-spy` run are not comparable.
 
 Run as root with the project's venv:  .venv/bin/python scripts/bench.py
 Everything lives in a private directory under `--workdir`, removed unless `--keep`.
@@ -32,6 +43,7 @@ Every mount, daemon and child is torn down on exit, Ctrl-C or SIGTERM.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -46,6 +58,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from cowfs.bitmap import store_path
 from cowfs.control import read_status, send_command
 from cowfs.errors import CowfsError
 
@@ -56,6 +69,10 @@ RSS_SOURCE_SIZE = 1 << 40
 RSS_LIMIT_MIB = 100
 POLL_S = 0.1
 """Status polling interval, as the anchor polls QMP: cheap for the daemon (one control read)."""
+PHASES = "abcdef"
+DIRTY_BS = 64 << 10
+"""(e) dirties whole 64K clusters: cowfs's default cluster and bitmap granularity, QEMU's too."""
+BITMAP = "bench"
 
 qb: ModuleType  # the anchor module, imported in main() from --anchors
 
@@ -110,7 +127,11 @@ class CowfsMount:
         self.mountpoint.mkdir(exist_ok=True)
         argv = [*COWFS, "mount", str(self.source), str(self.mountpoint)]
         argv += ["--target", str(self.target), "--force", *self.options]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        # from the target's directory: cowfs makes --backing relative to the target, as
+        # QEMU reads it, but then opens that name relative to the cwd (a cowfs bug)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, check=False, cwd=self.target.parent
+        )
         if done.returncode:
             self.teardown()
             raise RuntimeError(f"cowfs mount failed: {done.stderr.strip()}")
@@ -291,6 +312,8 @@ class Bench:
     def prepare(self) -> None:
         log(f"creating the {self.a.size / MiB:g} MiB source image (seed {self.a.seed})")
         qb.make_source_image(str(self.pristine), self.a.size, self.a.seed)
+        if not {"a", "b"} & set(self.a.phases):
+            return  # only (a) and (b) check a source against its expected image
         for bs in self.a.bs:
             p = self.wd / f"expected_{bs}.raw"
             qb.sparse_copy(str(self.pristine), str(p))
@@ -308,17 +331,20 @@ class Bench:
             p.unlink(missing_ok=True)
             Path(str(p) + ".cowfs.json").unlink(missing_ok=True)
             Path(str(p) + ".cowfs.log").unlink(missing_ok=True)
+            store_path(p).unlink(missing_ok=True)
 
     def profile_path(self, tag: str) -> Path | None:
         return Path(self.a.py_spy) / f"{tag}.txt" if self.a.py_spy else None
 
     # -- QEMU's side: the anchor's own bench, only the phases asked for ------------------
 
-    def qemu(self, phases: str, bs: int, speed: int) -> dict[str, Any]:
+    def qemu(self, phases: str, bs: int, speed: int, total: int = 0, *extra: str) -> dict[str, Any]:
+        """The anchor's `bench` with `--sync full` unless `extra` says otherwise (later
+        options win in argparse); `total` defaults to `--total`."""
         out = self.wd / "qemu.json"
         argv = [sys.executable, str(Path(qb.__file__)), "bench", "--source", str(self.pristine)]
-        argv += ["--phases", phases, "--bs", str(bs), "--total", str(self.a.total)]
-        argv += ["--sync", "full", "--repeat", "1", "--seed", str(self.a.seed)]
+        argv += ["--phases", phases, "--bs", str(bs), "--total", str(total or self.a.total)]
+        argv += ["--sync", "full", "--repeat", "1", "--seed", str(self.a.seed), *extra]
         argv += ["--workdir", str(self.wd), "--json-out", str(out), "--quiet"]
         if speed:
             argv += ["--speed", str(speed)]
@@ -417,14 +443,26 @@ class Bench:
 
     def cowfs_nowriter(self) -> dict[str, Any]:
         src, tgt = self.fresh("nowriter_src.raw"), self.wd / "nowriter_tgt.raw"
+        out = self.timed_backup(src, tgt, None, "--sync", "full")
+        out["verify"] = qb.compare_files(str(tgt), str(self.pristine))
+        self.rm(src, tgt)
+        return out
+
+    def timed_backup(self, src: Path, tgt: Path, spy: str | None, *options: str) -> dict[str, Any]:
+        """A backup with no writer: mount, finish at once, fsync the target. `finish`
+        returns when the copier is done and the daemon has fsynced and gone, so
+        mount -> finish is the job; the extra fsync finds anything still unwritten."""
         t0 = qb.mono()
-        with cowfs_mount(src, self.mnt, tgt, "--sync", "full") as m:
+        with cowfs_mount(src, self.mnt, tgt, *options) as m:
             t1 = qb.mono()
-            rc = m.finish()
+            with py_spy(m.pid, self.profile_path(spy) if spy else None):
+                rc = m.finish()
             t2 = qb.mono()
         fsync_s, _ = qb.timed(qb.fsync_path, str(tgt))
         record = json.loads(Path(str(tgt) + ".cowfs.json").read_text())
-        out = {
+        return {
+            "bytes_total": record["bytes_total"],
+            "bytes_written": record["bytes_written"],
             "mount_s": round((t1 - t0) / 1e9, 4),
             "finish_s": round((t2 - t1) / 1e9, 4),
             "fsync_s": round(fsync_s, 4),
@@ -432,10 +470,7 @@ class Bench:
             "with_mount_s": round((t2 - t0) / 1e9 + fsync_s, 4),
             "record_duration_s": record["duration_s"],
             "finish_rc": rc,
-            "verify": qb.compare_files(str(tgt), str(self.pristine)),
         }
-        self.rm(src, tgt)
-        return out
 
     def cp(self) -> dict[str, Any]:
         dst = self.wd / "cp_target.raw"
@@ -444,6 +479,97 @@ class Bench:
         fsync_s, _ = qb.timed(qb.fsync_path, str(dst))
         self.rm(dst)
         return {"cp_s": round(cp_s, 4), "cp_total_s": round(cp_s + fsync_s, 4)}
+
+    # -- (e) incremental backups of a partly dirty image ------------------------------------
+
+    def dirty_workload(self, pct: float) -> Any:
+        """64K random writes whose distinct clusters cover `pct` % of the image: random
+        offsets repeat, and n writes touch N(1 - e^(-n/N)) of N clusters on average, so
+        n = -N ln(1 - pct/100). Seed+1001 is the anchor's phase-1 writer with the same
+        size, bs and total: both sides dirty the same clusters with the same data."""
+        n_clusters = self.a.size // DIRTY_BS
+        n = max(1, round(-n_clusters * math.log1p(-pct / 100)))
+        return qb.Workload(self.a.size, DIRTY_BS, n * DIRTY_BS, "random", self.a.seed + 1001)
+
+    def qemu_incremental(self, pct: float) -> dict[str, Any]:
+        """The anchor's bitmap + full (qcow2, as ours), phase-1 writes through its FUSE
+        export with no job, then the incremental job with no writer (its `nowriter`)."""
+        wl = self.dirty_workload(pct)
+        fmt = ("--sync", "incremental", "--target-format", "qcow2")
+        q = self.qemu("nowriter", DIRTY_BS, 0, wl.total, *fmt)
+        job = q["nowriter"]
+        job["full_plus_fsync_s"] = round(job["full_job"]["job_s"] + job["full_job_fsync_s"], 4)
+        job["inc_over_full"] = job["job_plus_fsync_s"] / job["full_plus_fsync_s"]
+        job["dirty_mib"] = job["dirty_bytes"] / MiB
+        return q
+
+    def cowfs_incremental(self, pct: float) -> dict[str, Any]:
+        """Full qcow2 backup anchoring the bitmap, the dirty writes through a `--sync none`
+        mount (it copies only what they overwrite, and its end stores the bitmap
+        consistent), then the incremental with `--backing` the full."""
+        src = self.fresh("inc_src.raw")
+        full, inc = self.wd / "inc_full.qcow2", self.wd / "inc_inc.qcow2"
+        junk, expected = self.wd / "inc_dirtying.raw", self.wd / "inc_expected.raw"
+        tag = f"e_{pct:g}"
+        out: dict[str, Any] = {}
+        try:
+            out["full"] = self.timed_backup(src, full, f"{tag}_full", "--bitmap", BITMAP)
+            wl = self.dirty_workload(pct)
+            with cowfs_mount(src, self.mnt, junk, "--sync", "none") as m:
+                out["dirty_writer"] = qb.run_workload(str(m.live), wl)
+                out["dirty_finish_rc"] = m.finish()
+            out["dirty_mib"] = self.dirty_bytes(src) / MiB
+            os.sync()  # the writes' writeback must not land in the incremental's window
+            inc_opts = ("--sync", "incremental", "--bitmap", BITMAP, "--backing", str(full))
+            out["inc"] = self.timed_backup(src, inc, f"{tag}_inc", *inc_opts)
+            out["inc"]["file_mib"] = inc.stat().st_size / MiB
+            out["inc_over_full"] = out["inc"]["with_mount_s"] / out["full"]["with_mount_s"]
+            # the source as it was at the incremental's point in time: pristine + writes
+            qb.sparse_copy(str(self.pristine), str(expected))
+            qb.apply_workload(str(expected), wl)
+            out["verify_full"] = qb.compare_images(str(full), str(self.pristine), "qcow2", "raw")
+            out["verify"] = qb.compare_images(str(inc), str(expected), "qcow2", "raw")
+            out["source_check"] = qb.compare_files(str(src), str(expected))
+        finally:
+            self.rm(src, full, inc, junk, expected)
+        return out
+
+    def dirty_bytes(self, src: Path) -> int:
+        """`cowfs bitmap list`: what the incremental will copy, as QEMU's dirty count."""
+        argv = [*COWFS, "bitmap", "list", str(src), "--json"]
+        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+        return next(b["dirty_bytes"] for b in json.loads(done.stdout) if b["name"] == BITMAP)
+
+    # -- (f) compressed full backup ------------------------------------------------------
+
+    def cowfs_compressed(self) -> dict[str, Any]:
+        src, tgt = self.fresh("comp_src.raw"), self.wd / "comp_tgt.qcow2"
+        try:
+            out = self.timed_backup(src, tgt, "f", "--compress")
+            out["file_mib"] = tgt.stat().st_size / MiB
+            out["verify"] = qb.compare_images(str(tgt), str(self.pristine), "qcow2", "raw")
+        finally:
+            self.rm(src, tgt)
+        return out
+
+    def convert_compressed(self) -> dict[str, Any]:
+        """`qemu-img convert -c` of the pristine image: what a QEMU user runs for a
+        compressed copy (QEMU's own backup job with compress=on is a slower way)."""
+        dst = self.wd / "convert_c.qcow2"
+        argv = [qb.QEMU_IMG, "convert", "-c", "-f", "raw", "-O", "qcow2"]
+        os.sync()
+        try:
+            convert_s, _ = qb.timed(qb.run, [*argv, str(self.pristine), str(dst)])
+            fsync_s, _ = qb.timed(qb.fsync_path, str(dst))
+            out = {
+                "convert_s": round(convert_s, 4),
+                "convert_plus_fsync_s": round(convert_s + fsync_s, 4),
+                "file_mib": dst.stat().st_size / MiB,
+                "verify": qb.compare_images(str(dst), str(self.pristine), "qcow2", "raw"),
+            }
+        finally:
+            self.rm(dst)
+        return out
 
     # -- (d) memory on a 1 TiB sparse source ---------------------------------------------
 
@@ -486,24 +612,36 @@ class Bench:
     # -- driver ------------------------------------------------------------------------------
 
     def repetition(self, rep: int) -> dict[str, Any]:
-        r: dict[str, Any] = {"a": {}, "b": {}}
+        r: dict[str, Any] = {}
         n = f"rep {rep + 1}/{self.a.repeat}"
+        ph = self.a.phases
         for bs in self.a.bs:
-            log(f"{n} (a) bs={bs}: QEMU export + backup job at {self.a.speed} B/s")
-            q = self.qemu("fuse,backup", bs, self.a.speed)
-            log(f"{n} (a) bs={bs}: cowfs mount + full backup at {self.a.speed} B/s")
-            r["a"][bs] = {"qemu": q, "cowfs": self.cowfs_backup(bs)}
-            log(f"{n} (b) bs={bs}: idle cowfs mount, plain file")
-            r["b"][bs] = {"cowfs": self.cowfs_idle(bs), "plain": self.plain(bs)}
-        log(f"{n} (c) no writer: QEMU job, cowfs, cp --sparse=always")
-        r["c"] = {
-            "qemu": self.qemu("nowriter", self.a.bs[0], 0),
-            "cowfs": self.cowfs_nowriter(),
-            "cp": self.cp(),
-        }
-        if not self.a.no_rss:
+            if "a" in ph:
+                log(f"{n} (a) bs={bs}: QEMU export + backup job at {self.a.speed} B/s")
+                q = self.qemu("fuse,backup", bs, self.a.speed)
+                log(f"{n} (a) bs={bs}: cowfs mount + full backup at {self.a.speed} B/s")
+                r.setdefault("a", {})[bs] = {"qemu": q, "cowfs": self.cowfs_backup(bs)}
+            if "b" in ph:
+                log(f"{n} (b) bs={bs}: idle cowfs mount, plain file")
+                r.setdefault("b", {})[bs] = {"cowfs": self.cowfs_idle(bs), "plain": self.plain(bs)}
+        if "c" in ph:
+            log(f"{n} (c) no writer: QEMU job, cowfs, cp --sparse=always")
+            r["c"] = {
+                "qemu": self.qemu("nowriter", self.a.bs[0], 0),
+                "cowfs": self.cowfs_nowriter(),
+                "cp": self.cp(),
+            }
+        if "d" in ph:
             log(f"{n} (d) 1 TiB sparse source: daemon peak RSS")
             r["d"] = self.rss()
+        for pct in self.a.dirty if "e" in ph else []:
+            log(f"{n} (e) {pct:g}% dirty: QEMU bitmap + full, writes, incremental job")
+            q = self.qemu_incremental(pct)
+            log(f"{n} (e) {pct:g}% dirty: cowfs full --bitmap, writes, incremental")
+            r.setdefault("e", {})[f"{pct:g}%"] = {"qemu": q, "cowfs": self.cowfs_incremental(pct)}
+        if "f" in ph:
+            log(f"{n} (f) compressed full backup: cowfs --compress, qemu-img convert -c")
+            r["f"] = {"cowfs": self.cowfs_compressed(), "qemu_img": self.convert_compressed()}
         return r
 
 
@@ -530,7 +668,7 @@ def write_spread(path: Path, size: int, count: int, seed: int = 3) -> None:
 # -- figures, ratios, floors ----------------------------------------------------------------
 
 
-def _rows(sizes: list[int]) -> list[tuple[str, str, str, str, str]]:
+def _rows(sizes: list[int], dirty: list[float]) -> list[tuple[str, str, str, str, str]]:
     """(label, cowfs key, reference key, unit, floor on the ratio) of the table."""
     rows = []
     for bs in sizes:
@@ -557,6 +695,33 @@ def _rows(sizes: list[int]) -> list[tuple[str, str, str, str, str]]:
         ("(c) incl. mount vs cp+fsync", "c.cowfs.with_mount_s", "c.cp.cp_total_s", "s", ""),
         ("(d) RSS 1 TiB top (limit)", "d.top.vm_hwm_mib", "limit", "MiB", "<1"),
         ("(d) RSS 1 TiB full (limit)", "d.full.vm_hwm_mib", "limit", "MiB", "<1"),
+    ]  # fmt: skip
+    for pct in dirty:
+        e = f"e.{pct:g}%"
+        p = f"{pct:g}%"
+        rows += [
+            (f"(e) {p} dirty vs QEMU's dirty", f"{e}.cowfs.dirty_mib",
+             f"{e}.qemu.nowriter.dirty_mib", "MiB", ""),
+            (f"(e) {p} full qcow2 vs QEMU full", f"{e}.cowfs.full.job_plus_fsync_s",
+             f"{e}.qemu.nowriter.full_plus_fsync_s", "s", ""),
+            (f"(e) {p} incremental vs QEMU inc", f"{e}.cowfs.inc.job_plus_fsync_s",
+             f"{e}.qemu.nowriter.job_plus_fsync_s", "s", ""),
+            (f"(e) {p} inc incl. mount vs QEMU", f"{e}.cowfs.inc.with_mount_s",
+             f"{e}.qemu.nowriter.job_plus_fsync_s", "s", ""),
+            (f"(e) {p} inc vs full (incl. mount)", f"{e}.cowfs.inc.with_mount_s",
+             f"{e}.cowfs.full.with_mount_s", "s", ""),
+            (f"(e) {p} inc/full: cowfs vs QEMU", f"{e}.cowfs.inc_over_full",
+             f"{e}.qemu.nowriter.inc_over_full", "x", ""),
+            (f"(e) {p} inc file vs dirty data", f"{e}.cowfs.inc.file_mib",
+             f"{e}.cowfs.dirty_mib", "MiB", ""),
+        ]  # fmt: skip
+    rows += [
+        ("(f) compressed vs qemu-img -c", "f.cowfs.job_plus_fsync_s",
+         "f.qemu_img.convert_plus_fsync_s", "s", ""),
+        ("(f) compr. incl. mount vs -c", "f.cowfs.with_mount_s",
+         "f.qemu_img.convert_plus_fsync_s", "s", ""),
+        ("(f) compressed size vs qemu-img -c", "f.cowfs.file_mib", "f.qemu_img.file_mib", "MiB",
+         ""),
     ]  # fmt: skip
     return rows
 
@@ -593,11 +758,13 @@ def floor_ok(ratio: float, floor: str) -> str:
     return "ok" if ok else "MISSED"
 
 
-def table(med: dict[str, Any], sizes: list[int]) -> tuple[list[dict[str, Any]], str]:
+def table(
+    med: dict[str, Any], sizes: list[int], dirty: list[float]
+) -> tuple[list[dict[str, Any]], str]:
     rows, lines = [], []
     head = f"{'measure':34} {'cowfs':>9} {'reference':>10} {'ratio':>7} {'unit':6} floor"
     lines += [head, "-" * len(head)]
-    for label, key, ref_key, unit, floor in _rows(sizes):
+    for label, key, ref_key, unit, floor in _rows(sizes, dirty):
         mine = med.get(key)
         ref = RSS_LIMIT_MIB if ref_key == "limit" else med.get(ref_key)
         if mine is None or not ref:
@@ -643,8 +810,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "e.g. 0: on these VMs a FUSE round trip between two CPUs costs ~40 us more "
         "than on one, and the scheduler's choice flips run to run (default: unpinned)",
     )
+    p.add_argument("--phases", default="a,b,c,d,e,f", help="phases to run (default a,b,c,d,e,f)")
+    p.add_argument(
+        "--dirty", default="1,10", help="(e): percentages of the image dirty (default 1,10)"
+    )
     p.add_argument("--no-rss", action="store_true", help="skip (d), the 1 TiB memory check")
-    p.add_argument("--py-spy", metavar="DIR", help="profile the daemon during (a)/(b) into DIR")
+    p.add_argument(
+        "--py-spy", metavar="DIR", help="profile the daemon during (a)/(b)/(e)/(f) into DIR"
+    )
     p.add_argument("--json-out", help="also write the JSON result here")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--writer-child", help=argparse.SUPPRESS)
@@ -657,6 +830,13 @@ def normalise(a: argparse.Namespace) -> None:
     a.total = qb.parse_size(a.total)
     a.speed = qb.parse_size(a.speed)
     a.bs = [qb.parse_size(s) for s in a.bs.split(",")]
+    a.dirty = [float(s) for s in a.dirty.split(",")]
+    if not all(0 < d < 100 for d in a.dirty):
+        raise SystemExit("--dirty: percentages between 0 and 100")
+    phases = {s.strip() for s in a.phases.split(",") if s.strip()}
+    if not phases <= set(PHASES):
+        raise SystemExit(f"--phases: a comma list of {','.join(PHASES)}")
+    a.phases = sorted(phases - ({"d"} if a.no_rss else set()))  # a list: the config is JSON
     if a.py_spy:
         Path(a.py_spy).mkdir(parents=True, exist_ok=True)
     if a.cpus:
@@ -690,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(result: dict[str, Any], reps: list, args: argparse.Namespace, elapsed: float) -> int:
     med = medians(reps)
-    rows, text = table(med, args.bs)
+    rows, text = table(med, args.bs, args.dirty)
     ok = checks(med)
     result |= {"repeats": reps, "median": med, "ratios": rows, "checks": ok,
                "ok": all(ok.values()), "elapsed_s": round(elapsed, 1)}  # fmt: skip
@@ -705,6 +885,8 @@ def report(result: dict[str, Any], reps: list, args: argparse.Namespace, elapsed
         f"load {m['loadavg_start'][0]} -> {m['loadavg_end'][0]}, {elapsed:.0f} s"
     )
     print("(b) idle mount = a full backup whose copier has finished, still mounted")
+    if "e" in args.phases:
+        print("(e) incremental: mount -> finish (+fsync), no writer; QEMU: job (+fsync)")
     print("ratio = cowfs / reference: higher is better for MiB/s, lower for us, s and MiB")
     print(text)
     bad = [k for k, v in ok.items() if not v]
