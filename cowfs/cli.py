@@ -19,8 +19,7 @@ from . import VERSION
 from .bitmap import BitmapStore
 from .control import find_mount, read_status, send_command
 from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, CowfsError
-from .job import JobOptions, SyncMode
-from .mount import MountRequest, run_mount
+from .options import JobOptions, SyncMode
 from .policy import CbwPolicy, SourcePolicy, TargetPolicy
 from .preflight import check_cluster_size, check_source
 from .record import Record, pid_alive, read_record, verdict
@@ -132,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
+    from .mount import MountRequest, run_mount  # trio and pyfuse3: only this command needs them
+
     fmt = args.format or ("qcow2" if args.target.name.endswith(".qcow2") else "raw")
     sync = SyncMode(args.sync)
     if fmt == "raw" and (args.compress or args.backing):

@@ -13,9 +13,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CowfsError
-from .job import Job
+
+if TYPE_CHECKING:  # the CLI's client half must start without importing trio
+    from .job import Job
 
 CONTROL_NAME = ".cowfs-control"
 FSTYPE = "fuse.cowfs"
@@ -24,7 +27,7 @@ FSTYPE = "fuse.cowfs"
 class ControlServer:
     """Answers status reads and control writes for one job."""
 
-    def __init__(self, job: Job, mountpoint: str, stop_serving: Callable[[], None]) -> None:
+    def __init__(self, job: "Job", mountpoint: str, stop_serving: Callable[[], None]) -> None:
         self.job = job
         self.mountpoint = mountpoint
         self.stop_serving = stop_serving

@@ -13,7 +13,6 @@ import errno
 import logging
 import os
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +22,8 @@ from bitarray.util import zeros
 
 from .extents import data_clusters
 from .locks import ClusterClaims
-from .policy import Action, CbwPolicy, SourcePolicy, TargetPolicy, copier_action
+from .options import JobOptions, SyncMode
+from .policy import Action, CbwPolicy, copier_action
 from .ratelimit import RateLimiter
 from .target import Target
 from .transfer import copy_range
@@ -33,13 +33,6 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 1 << 20
 """Largest single copy: big enough to amortise a thread hop, small enough that a guest
 write waiting on a cluster in it waits about a millisecond."""
-
-
-class SyncMode(enum.StrEnum):
-    FULL = "full"
-    TOP = "top"
-    INCREMENTAL = "incremental"
-    NONE = "none"
 
 
 class JobState(enum.StrEnum):
@@ -53,21 +46,6 @@ class JobState(enum.StrEnum):
 
 
 FINAL = (JobState.COMPLETE, JobState.FAILED, JobState.CANCELLED)
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    sync: SyncMode = SyncMode.FULL
-    cluster_size: int = 64 << 10
-    speed: int = 0
-    on_source_error: SourcePolicy = SourcePolicy.REPORT
-    on_target_error: TargetPolicy = TargetPolicy.REPORT
-    on_cbw_error: CbwPolicy = CbwPolicy.BREAK_SNAPSHOT
-    cbw_timeout: float = 0.0
-    """Seconds a copy-before-write may hold up a guest write before the snapshot is
-    broken instead (0: no limit)."""
-    bitmap: str | None = None
-    """The dirty bitmap this job anchors (full, top) or copies (incremental)."""
 
 
 class Job:

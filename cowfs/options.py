@@ -1,0 +1,32 @@
+"""What a job is asked to do: its sync mode and options, as the CLI parses them.
+
+Kept apart from job.py so that the CLI's quick commands (status, finish, info)
+start without importing trio.
+"""
+
+import enum
+from dataclasses import dataclass
+
+from .policy import CbwPolicy, SourcePolicy, TargetPolicy
+
+
+class SyncMode(enum.StrEnum):
+    FULL = "full"
+    TOP = "top"
+    INCREMENTAL = "incremental"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    sync: SyncMode = SyncMode.FULL
+    cluster_size: int = 64 << 10
+    speed: int = 0
+    on_source_error: SourcePolicy = SourcePolicy.REPORT
+    on_target_error: TargetPolicy = TargetPolicy.REPORT
+    on_cbw_error: CbwPolicy = CbwPolicy.BREAK_SNAPSHOT
+    cbw_timeout: float = 0.0
+    """Seconds a copy-before-write may hold up a guest write before the snapshot is
+    broken instead (0: no limit)."""
+    bitmap: str | None = None
+    """The dirty bitmap this job anchors (full, top) or copies (incremental)."""
