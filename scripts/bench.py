@@ -127,11 +127,7 @@ class CowfsMount:
         self.mountpoint.mkdir(exist_ok=True)
         argv = [*COWFS, "mount", str(self.source), str(self.mountpoint)]
         argv += ["--target", str(self.target), "--force", *self.options]
-        # from the target's directory: cowfs makes --backing relative to the target, as
-        # QEMU reads it, but then opens that name relative to the cwd (a cowfs bug)
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=120, check=False, cwd=self.target.parent
-        )
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if done.returncode:
             self.teardown()
             raise RuntimeError(f"cowfs mount failed: {done.stderr.strip()}")
