@@ -22,7 +22,6 @@ from test_incremental import (
     BITMAP,
     BUDGET,
     CLUSTER,
-    IN_PROGRESS,
     INC_SPEED,
     KiB,
     MiB,
@@ -67,7 +66,6 @@ def row_of(source: Path, name: str) -> str:
 # -- the commands ------------------------------------------------------------------------
 
 
-@IN_PROGRESS
 def test_add_list_clear_remove(cowfs: CowfsRunner, source: Path, tmp_path: Path) -> None:
     assert bitmaps(source) == {}
     ok("bitmap", "add", source, "a")
@@ -100,7 +98,6 @@ def test_add_list_clear_remove(cowfs: CowfsRunner, source: Path, tmp_path: Path)
     assert bitmaps(source) == {}
 
 
-@IN_PROGRESS
 @pytest.mark.parametrize(
     "args",
     [
@@ -121,7 +118,6 @@ def test_bad_bitmap_commands(source: Path, tmp_path: Path, args: list[str]) -> N
     assert sorted(bitmaps(source)) == ["kept"]
 
 
-@IN_PROGRESS
 def test_every_mount_records_in_every_bitmap(
     cowfs: CowfsRunner, source: Path, tmp_path: Path
 ) -> None:
@@ -188,7 +184,6 @@ CHANGES: dict[str, Callable[[Path], None]] = {
 }
 
 
-@IN_PROGRESS
 @pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_change_outside_cowfs_makes_the_bitmap_inconsistent(
@@ -261,7 +256,6 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 }
 
 
-@IN_PROGRESS
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_bitmap_file_is_a_clear_error(
     cowfs: CowfsRunner, source: Path, tmp_path: Path, damage: str

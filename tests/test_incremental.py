@@ -23,12 +23,14 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    COWFS,
     CowfsRunner,
     Mounted,
     SmallFS,
     cowfs_mounts,
     files_equal,
     make_image,
+    pid_gone,
     run_cowfs,
     wait_until,
 )
@@ -51,8 +53,6 @@ SLOW_SPEED = "512K"
 BUDGET = SIZE // CLUSTER // 40
 """Clusters touched by the writes of one phase (2.5 %): an incremental copies two
 phases' worth, under 10 % of the image."""
-
-IN_PROGRESS = pytest.mark.xfail(strict=False, reason="issue 3 in progress")
 
 Write = tuple[int, bytes]
 
@@ -221,21 +221,49 @@ def refused_mount(
     return result.stderr.strip()
 
 
-def kill9(m: Mounted) -> None:
-    """kill -9 the daemon and wait until its mount is gone."""
+def kill9(m: Mounted, reap: bool = True) -> None:
+    """kill -9 the daemon and wait until its mount is gone. With `reap`, also until the
+    dead process is reaped (its pid free); without, it stays a zombie of its parent."""
     os.kill(m.pid, signal.SIGKILL)
-    m.wait_exit()
+    if reap:
+        m.wait_exit()
+        wait_until(lambda: not os.path.exists(f"/proc/{m.pid}"), 30, "the dead daemon reaped")
+    else:
+        wait_until(lambda: pid_gone(m.pid), 30, "the daemon to die")
     try:
         wait_until(lambda: not m.is_mounted(), 5, "auto_unmount after kill -9")
-    except TimeoutError:
+    except TimeoutError:  # auto_unmount's helper died too (a pid namespace dies with its init)
         subprocess.run(["fusermount3", "-u", str(m.mountpoint)], capture_output=True)
     assert not m.is_mounted()
+
+
+def mount_in_pid_namespace(
+    cowfs: CowfsRunner, source: Path, target: Path, *options: str
+) -> Mounted:
+    """A foreground daemon as pid 1 of a new pid namespace: the pid it records for itself
+    is alive in ours (our init), just as a dead daemon's pid is alive again once another
+    process reuses it (after a reboot, say). Torn down by the `cowfs` fixture."""
+    mnt = cowfs.workdir / "mnt"
+    mnt.mkdir(exist_ok=True)
+    command = [*COWFS, "mount", str(source), str(mnt), "--target", str(target), *options]
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", *command, "--foreground"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    wait_until(lambda: children.read_text().split() != [], 20, "unshare's child")
+    m = Mounted(source, mnt, target, int(children.read_text().split()[0]), proc)
+    cowfs.started.append(m)
+    wait_until(m.is_mounted, 20, "the mount in the pid namespace")
+    wait_until(lambda: run_cowfs("status", mnt).returncode == 0, 20, "the job to start")
+    assert m.status()["pid"] == 1
+    return m
 
 
 # -- a chain, link by link -----------------------------------------------------------------
 
 
-@IN_PROGRESS
 @pytest.mark.parametrize(
     ("seed", "full_sync", "compress", "size", "suffix"),
     [
@@ -291,7 +319,7 @@ def test_chain_restores_every_link(
         assert inc.stat().st_size < 0.3 * full.stat().st_size, (inc.stat(), full.stat())
         rec = record(inc)
         assert (rec["sync"], rec["bitmap"]) == ("incremental", BITMAP)
-        assert Path(rec["backing"]).absolute() == previous.absolute()
+        assert (inc.parent / rec["backing"]).absolute() == previous.absolute()  # as QEMU reads it
         image = qemu_json("info", inc)
         assert Path(image["backing-filename"]).name == previous.name
         assert image.get("backing-filename-format") == "qcow2", image
@@ -316,7 +344,6 @@ def test_chain_restores_every_link(
 # -- an incremental that does not finish -------------------------------------------------
 
 
-@IN_PROGRESS
 @pytest.mark.parametrize("retry_into", ["a new target", "the same target with --force"])
 @pytest.mark.parametrize("seed", [5, 6])
 def test_cancelled_incremental_loses_nothing(
@@ -359,7 +386,6 @@ def test_cancelled_incremental_loses_nothing(
     assert info(retry)[0] == 0
 
 
-@IN_PROGRESS
 def test_failed_incremental_loses_nothing(
     cowfs: CowfsRunner, small_fs: SmallFS, tmp_path: Path
 ) -> None:
@@ -404,14 +430,31 @@ def test_failed_incremental_loses_nothing(
 # -- a daemon killed with -9 ---------------------------------------------------------------
 
 
-@IN_PROGRESS
-@pytest.mark.parametrize("killed", ["none", "incremental"])
+PID_REUSED = pytest.mark.xfail(
+    strict=True,
+    reason="bug: a dead mount whose pid another process has taken since (pid reuse, as "
+    "after a reboot) leaves its bitmaps 'consistent (in use by pid N)': the next "
+    "incremental completes and misses the dead mount's writes",
+)
+
+
+@pytest.mark.parametrize(
+    "killed",
+    [
+        "none",
+        "incremental",
+        "none, a zombie not yet reaped",
+        pytest.param("none, its pid alive again", marks=PID_REUSED),
+    ],
+)
 def test_kill9_makes_bitmaps_inconsistent_until_a_full(
     cowfs: CowfsRunner, tmp_path: Path, killed: str
 ) -> None:
     """Writes the dead daemon took with it may be missing from every bitmap of the
     source: all become inconsistent, an incremental is refused with the fix, and a
-    full with --bitmap re-anchors that bitmap (and only that one)."""
+    full with --bitmap re-anchors that bitmap (and only that one). Whether the dead
+    daemon's pid is still taken (a zombie its parent has not reaped yet, or a new
+    process that got the same pid) must not matter."""
     rng = random.Random(8)
     source = make_image(tmp_path / "disk.img", SIZE, seed=8, holes=False)
     added = run_cowfs("bitmap", "add", source, "other")
@@ -420,14 +463,19 @@ def test_kill9_makes_bitmaps_inconsistent_until_a_full(
     full_backup(cowfs, source, full)
     writes_between(cowfs, source, tmp_path / "between.img", random_writes(rng, SIZE, BUDGET))
 
+    killed_target = tmp_path / "killed.img"
     if killed == "none":
-        m = cowfs.mount(source, tmp_path / "killed.img", "--sync", "none")
-    else:
+        m = cowfs.mount(source, killed_target, "--sync", "none")
+    elif killed == "incremental":
         target = tmp_path / "killed.qcow2"
         m = cowfs.mount(source, target, "--speed", SLOW_SPEED, *incremental_options(full))
+    elif killed == "none, a zombie not yet reaped":
+        m = cowfs.mount(source, killed_target, "--sync", "none", foreground=True)
+    else:
+        m = mount_in_pid_namespace(cowfs, source, killed_target, "--sync", "none")
     for offset, data in random_writes(rng, SIZE, BUDGET):
         write_live(m, data, offset)
-    kill9(m)
+    kill9(m, reap=killed != "none, a zombie not yet reaped")
 
     maps = bitmaps(source)
     assert maps[BITMAP]["consistent"] is False, maps
@@ -491,7 +539,6 @@ REFUSALS = {
 }
 
 
-@IN_PROGRESS
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_refused_mounts(
     cowfs: CowfsRunner, tmp_path: Path, anchored: tuple[Path, Path], case: str
@@ -504,7 +551,6 @@ def test_refused_mounts(
         assert word in message, message
 
 
-@IN_PROGRESS
 def test_incremental_of_a_source_without_bitmaps_is_refused(
     cowfs: CowfsRunner, tmp_path: Path
 ) -> None:
