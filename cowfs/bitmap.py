@@ -83,8 +83,12 @@ class BitmapStore:
     # -- loading and saving ----------------------------------------------------------
 
     @classmethod
-    def load(cls, source: Path) -> "BitmapStore":
-        """The source's bitmaps (none if it has no file); a damaged file is a CowfsError."""
+    def load(cls, source: Path, holding_lock: bool) -> "BitmapStore":
+        """The source's bitmaps (none if it has no file); a damaged file is a CowfsError.
+
+        `holding_lock`: the caller holds the source's flock, so no mount can be live and
+        an *in use* mark means one died. Without it a live pid is taken for a live mount
+        (for display only: a pid may have been reused since)."""
         path = store_path(source)
         try:
             raw = path.read_bytes()
@@ -101,7 +105,7 @@ class BitmapStore:
                 f"the bitmap file {path} is damaged ({e}); remove it and take a full backup"
             ) from None
         store = cls(source, bitmaps)
-        if in_use is not None and pid_alive(in_use):
+        if in_use is not None and not holding_lock and pid_alive(in_use):
             store.in_use_by = in_use  # a live mount owns them; it holds the source's lock
         elif in_use is not None:
             store._distrust(f"a mount of the source died (pid {in_use}): writes may be missed")

@@ -271,17 +271,19 @@ def _print_chain(target: Path, record: Record) -> None:
 def _bitmap(args: argparse.Namespace) -> int:
     source = args.source.absolute()
     check_source(source)
-    if args.action == "list":
-        return _bitmap_list(BitmapStore.load(source), args.json)
     fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:  # bitmaps change only while no job runs: a running job owns them
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
-            raise CowfsError(
-                f"source {source} is in use by a cowfs job; try when it ended"
-            ) from None
-        store = BitmapStore.load(source)
+            locked = False
+        if args.action == "list":
+            return _bitmap_list(BitmapStore.load(source, holding_lock=locked), args.json)
+        if not locked:
+            busy = f"source {source} is in use by a cowfs job; try again when it has ended"
+            raise CowfsError(busy)
+        store = BitmapStore.load(source, holding_lock=True)
         match args.action:
             case "add":
                 granularity = check_cluster_size(parse_size(args.granularity, "granularity"))

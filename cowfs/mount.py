@@ -74,7 +74,7 @@ def run_mount(req: MountRequest) -> int:
         undo.callback(os.close, source_fd)
         if target_path.exists():  # --force: never replace a file another job is using
             os.close(_open_locked(target_path, "target"))
-        dirty = BitmapStore.load(source)
+        dirty = BitmapStore.load(source, holding_lock=True)
         incremental = _start_bitmap(dirty, req, source_st.st_size)
         tmp = target_path.with_name(f".{target_path.name}.cowfs-{os.getpid()}.tmp")
         target = _create_target(tmp, target_path, source_st.st_size, req)

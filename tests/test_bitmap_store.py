@@ -23,58 +23,68 @@ def source(tmp_path: Path) -> Path:
 
 def saved(source: Path) -> BitmapStore:
     """Store `source`'s bitmaps as a clean end of a mount would, and load them back."""
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.save(None, os.stat(source))
-    return BitmapStore.load(source)
+    return BitmapStore.load(source, holding_lock=True)
 
 
 def test_round_trip_and_marks(source: Path) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.add("a", G, 1 << 20)
     store.add("b", 4096, 1 << 20)
     store.mark(G + 5, 10)
     store.mark((1 << 20) + 100, 1)  # past the end: the bitmap grows with the source
     store.save(None, os.stat(source))
-    again = BitmapStore.load(source)
+    again = BitmapStore.load(source, holding_lock=True)
     assert list(again.get("a").bits.search(1)) == [1, 16]
     assert again.get("b").bits.count() == 2
     assert all(b.consistent for b in again.bitmaps.values())
 
 
 def test_a_mount_that_died_makes_every_bitmap_inconsistent(source: Path) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.add("a", G, 1 << 20)
     dead = os.fork()
     if dead == 0:
         os._exit(0)
     os.waitpid(dead, 0)
     store.save(dead, os.stat(source))  # "in use" by a process that is gone
-    again = BitmapStore.load(source)
+    again = BitmapStore.load(source, holding_lock=True)
     assert not again.get("a").consistent
     assert "died" in again.get("a").reason
 
 
 def test_a_live_mount_owns_them(source: Path) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.add("a", G, 1 << 20)
     store.save(os.getpid(), os.stat(source))
-    again = BitmapStore.load(source)
+    again = BitmapStore.load(source, holding_lock=False)  # `bitmap list` beside a mount
     assert again.get("a").consistent and again.in_use_by == os.getpid()
 
 
+def test_with_the_lock_held_an_in_use_mark_means_the_mount_died(source: Path) -> None:
+    """Whoever holds the source's lock knows no mount is live, whatever runs under the
+    recorded pid now (pids are reused, after a reboot above all)."""
+    store = BitmapStore.load(source, holding_lock=True)
+    store.add("a", G, 1 << 20)
+    store.save(os.getpid(), os.stat(source))  # a live pid, but not a mount any more
+    again = BitmapStore.load(source, holding_lock=True)
+    assert not again.get("a").consistent and "died" in again.get("a").reason
+
+
 def test_a_change_outside_cowfs_makes_them_inconsistent(source: Path) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.add("a", G, 1 << 20)
     store.save(None, os.stat(source))
     with open(source, "r+b") as f:
         f.write(b"changed behind cowfs' back")
-    again = BitmapStore.load(source)
+    again = BitmapStore.load(source, holding_lock=True)
     assert not again.get("a").consistent
     assert "outside cowfs" in again.get("a").reason
 
 
 def test_success_keeps_the_writes_since_the_point_in_time(source: Path) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.add("n", G, 1 << 20).mark(0, 1)
     store.start_job("n", G, 1 << 20)
     store.mark(3 * G, 1)
@@ -83,7 +93,7 @@ def test_success_keeps_the_writes_since_the_point_in_time(source: Path) -> None:
 
 
 def test_failure_gives_back_the_union(source: Path) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.add("n", G, 1 << 20).mark(0, 1)
     store.start_job("n", G, 1 << 20)
     store.mark(3 * G, 1)
@@ -93,7 +103,7 @@ def test_failure_gives_back_the_union(source: Path) -> None:
 
 
 def test_a_new_bitmap_whose_full_backup_failed_is_not_trusted(source: Path) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.start_job("n", G, 1 << 20)
     store.end_job("n", complete=False)
     assert not store.get("n").consistent
@@ -101,7 +111,7 @@ def test_a_new_bitmap_whose_full_backup_failed_is_not_trusted(source: Path) -> N
 
 
 def test_anchoring_makes_an_inconsistent_bitmap_consistent(source: Path) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.add("n", G, 1 << 20).distrust("for the test")
     store.start_job("n", G, 1 << 20)
     store.end_job("n", complete=True)
@@ -110,7 +120,7 @@ def test_anchoring_makes_an_inconsistent_bitmap_consistent(source: Path) -> None
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped", "not json", "empty"])
 def test_a_damaged_file_is_a_clear_error(source: Path, damage: str) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.add("n", G, 1 << 20).mark(0, 500_000)
     store.save(None, os.stat(source))
     path = store_path(source)
@@ -130,12 +140,12 @@ def test_a_damaged_file_is_a_clear_error(source: Path, damage: str) -> None:
         case "empty":
             path.write_bytes(b"")
     with pytest.raises(CowfsError) as e:
-        BitmapStore.load(source)
+        BitmapStore.load(source, holding_lock=True)
     assert str(path) in e.value.message and "damaged" in e.value.message
 
 
 def test_names_and_unknown_bitmaps(source: Path) -> None:
-    store = BitmapStore.load(source)
+    store = BitmapStore.load(source, holding_lock=True)
     store.add("a", G, 1 << 20)
     with pytest.raises(CowfsError, match="already has"):
         store.add("a", G, 1 << 20)
