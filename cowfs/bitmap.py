@@ -64,6 +64,8 @@ class DirtyBitmap:
 
 
 def store_path(source: Path) -> Path:
+    """Beside the real file: a source named through a symlink has the same bitmaps."""
+    source = source.resolve()
     return source.with_name(f".{source.name}.cowfs-bitmaps.json")
 
 
@@ -98,8 +100,11 @@ class BitmapStore:
             raise CowfsError(f"cannot read the bitmap file {path}: {e.strerror}") from None
         try:
             doc = json.loads(raw)
-            bitmaps = {b["name"]: _decode(b) for b in doc["bitmaps"]}
-            in_use, stored_identity = doc["in_use_by"], doc["identity"]
+            content = doc["content"]
+            if doc["sha256"] != _digest(content):
+                raise ValueError("checksum mismatch")
+            bitmaps = {b["name"]: _decode(b) for b in content["bitmaps"]}
+            in_use, stored_identity = content["in_use_by"], content["identity"]
         except (ValueError, KeyError, TypeError, zlib.error) as e:
             raise CowfsError(
                 f"the bitmap file {path} is damaged ({e}); remove it and take a full backup"
@@ -116,17 +121,22 @@ class BitmapStore:
     def save(self, in_use_by: int | None, source_st: os.stat_result) -> None:
         """Replace the file atomically. `in_use_by` marks a live mount (a crash then leaves
         it marked); `source_st` is the source as this save leaves it."""
-        doc = {
+        content = {
             "version": VERSION,
             "in_use_by": in_use_by,
             "identity": identity(source_st),
             "bitmaps": [_encode(b) for b in self.bitmaps.values()],
         }
+        doc = {"sha256": _digest(content), "content": content}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(doc, indent=1).encode())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(json.dumps(doc, indent=1).encode())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.path)
         dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -199,6 +209,12 @@ class BitmapStore:
         bitmap.before_job, bitmap.new = None, False
 
 
+def _digest(content: dict) -> str:
+    """A checksum over everything stored (names, sizes, states and bits), so that any
+    damage that still parses is caught too."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def _encode(bitmap: DirtyBitmap) -> dict:
     packed = zlib.compress(bitmap.bits.tobytes())
     return {
@@ -208,14 +224,11 @@ def _encode(bitmap: DirtyBitmap) -> dict:
         "consistent": bitmap.consistent,
         "reason": bitmap.reason,
         "bits": base64.b64encode(packed).decode(),
-        "sha256": hashlib.sha256(packed).hexdigest(),
     }
 
 
 def _decode(doc: dict) -> DirtyBitmap:
     packed = base64.b64decode(doc["bits"], validate=True)
-    if hashlib.sha256(packed).hexdigest() != doc["sha256"]:
-        raise ValueError(f"checksum mismatch in bitmap {doc['name']!r}")
     bits = bitarray()
     bits.frombytes(zlib.decompress(packed))
     nbits = int(doc["nbits"])

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .errors import CowfsError
+from .target.qcow2 import backing_name
 
 MIN_CLUSTER = 4 << 10
 MAX_CLUSTER = 16 << 20
@@ -82,5 +83,16 @@ def check_backing(backing: Path, source: os.stat_result, target: Path) -> None:
         raise CowfsError(f"backing file {backing} is not a regular file")
     if (st.st_dev, st.st_ino) == (source.st_dev, source.st_ino):
         raise CowfsError(f"backing file {backing} is the source itself")
-    if backing.absolute() == target.absolute():
-        raise CowfsError(f"backing file {backing} is the target itself")
+    link: Path | None = backing
+    seen: set[tuple[int, int]] = set()
+    while link is not None:  # the new target must not read through itself
+        st = os.stat(link)
+        if (st.st_dev, st.st_ino) in seen:
+            raise CowfsError(f"the backing chain of {backing} loops at {link}")
+        seen.add((st.st_dev, st.st_ino))
+        if target.exists() and os.path.samefile(link, target):
+            raise CowfsError(f"target {target} is part of the backing chain of {backing}")
+        name = backing_name(link)
+        link = None if name is None else link.parent / name
+        if link is not None and not link.exists():
+            raise CowfsError(f"backing file {link} of the chain of {backing} is missing")

@@ -132,8 +132,10 @@ def test_a_damaged_file_is_a_clear_error(source: Path, damage: str) -> None:
             path.write_bytes(os.urandom(len(raw)))
         case "flipped":
             doc = json.loads(raw)
-            bits = doc["bitmaps"][0]["bits"]
-            doc["bitmaps"][0]["bits"] = bits[:10] + ("A" if bits[10] != "A" else "B") + bits[11:]
+            bits = doc["content"]["bitmaps"][0]["bits"]
+            doc["content"]["bitmaps"][0]["bits"] = (
+                bits[:10] + ("A" if bits[10] != "A" else "B") + bits[11:]
+            )
             path.write_text(json.dumps(doc))
         case "not json":
             path.write_text("[1, 2")

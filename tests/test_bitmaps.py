@@ -332,12 +332,6 @@ def test_bitmaps_that_cannot_be_stored_are_never_trusted(
     assert "inconsistent" in message and f"--sync full --bitmap {BITMAP}" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a mount through a symlink records its writes in no bitmap of the file (it looks "
-    "for bitmaps beside the symlink): safe, since the next incremental is refused as "
-    "'changed outside cowfs', but every backup through a symlink has to be a full",
-)
 def test_a_mount_through_a_symlink_records_in_the_bitmaps(
     cowfs: CowfsRunner, source: Path, tmp_path: Path
 ) -> None:
@@ -357,13 +351,6 @@ def test_a_mount_through_a_symlink_records_in_the_bitmaps(
     assert_restores(inc, pit)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the checksum covers the bits only: one flipped bit in a bitmap's 'nbits' "
-    "(128 -> 120) leaves a valid file whose bitmap lists as consistent and has lost its "
-    "last dirty clusters, so the next incremental completes without them (a flip in a "
-    "name silently renames the bitmap)",
-)
 def test_no_single_bit_flip_goes_unnoticed(
     cowfs: CowfsRunner, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

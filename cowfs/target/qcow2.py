@@ -432,3 +432,16 @@ class Qcow2Target:
         table = array("Q", bytes(self._rt_clusters * self.cluster_size))
         table[: len(self._rb_offsets)] = array("Q", self._rb_offsets)
         self._pwrite(_be_bytes(table), self._rt_offset)
+
+
+def backing_name(path: Path) -> str | None:
+    """The backing file name a qcow2 image records (None for none, or not qcow2)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+        if len(head) < 20 or head[:4] != MAGIC:
+            return None
+        offset, size = struct.unpack(">QI", head[8:20])
+        if not offset or not size:
+            return None
+        f.seek(offset)
+        return os.fsdecode(f.read(min(size, MAX_BACKING_NAME)))
