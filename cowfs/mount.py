@@ -104,7 +104,6 @@ def run_mount(req: MountRequest) -> int:
     else:
         readiness = daemonize(log_path(target_path))
         setup_logging(log_path(target_path), req.debug)
-    saved = False
     try:
         trio.run(_serve, job, dirty, poller, stop, readiness, req.progress)
     except BaseException as e:
@@ -240,9 +239,11 @@ async def _stop_serving_when(stop: trio.Event) -> None:
 
 
 async def _record_when_ended(job: Job) -> None:
-    """A job that fails or is cancelled while mounted says so at once, not at unmount."""
+    """A job that fails or is cancelled while mounted says so at once, not at unmount
+    (a complete one is recorded once, at the very end)."""
     await job.ended.wait()
-    await trio.to_thread.run_sync(_save_record, job, True)
+    if job.state is not JobState.COMPLETE:
+        await trio.to_thread.run_sync(_save_record, job, True)
 
 
 def _save_record(job: Job, reserve: bool) -> bool:
