@@ -106,8 +106,9 @@ class BitmapStore:
             bitmaps = {b["name"]: _decode(b) for b in content["bitmaps"]}
             in_use, stored_identity = content["in_use_by"], content["identity"]
         except (ValueError, KeyError, TypeError, zlib.error) as e:
+            why = f"no field {e}" if isinstance(e, KeyError) else str(e)
             raise CowfsError(
-                f"the bitmap file {path} is damaged ({e}); remove it and take a full backup"
+                f"the bitmap file {path} is damaged ({why}); remove it and take a full backup"
             ) from None
         store = cls(source, bitmaps)
         if in_use is not None and not holding_lock and pid_alive(in_use):
