@@ -32,14 +32,9 @@ from conftest import (
     run_cowfs,
     wait_until,
 )
+from test_faults import BATCH, CLUSTER, FAST, PACED, SIZE
 from test_lifecycle import assert_gone, info, record, write_live
 
-SIZE = 4 << 20
-CLUSTER = 64 << 10
-BATCH = 1 << 20
-FAST = "16M"
-PACED = "1M"
-"""Two batches at once, then a MiB a second: the last MiB is untouched for over a second."""
 LAST = SIZE - 2 * CLUSTER
 """A cluster the copier surely has not reached in the first second at PACED."""
 
