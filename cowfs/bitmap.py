@@ -4,13 +4,16 @@ Owns the bitmaps of one source, their file (`.NAME.cowfs-bitmaps.json` beside th
 source) and the rules that keep them honest:
 - a mount marks the file *in use* before serving; only a clean end of the mount
   stores the bits as consistent, with the source's identity (device, inode, size,
-  mtime). A mount that died leaves *in use*: every bitmap is inconsistent then.
+  mtime, ctime: nobody can set a ctime back, so an outside write that restores
+  the mtime is seen too). A mount that died leaves *in use*: every bitmap is
+  inconsistent then.
 - a source whose identity changed since (written outside cowfs) makes every
   bitmap inconsistent, since writes may have been missed.
 - a bitmap used by a job (anchored or copied by an incremental) restarts empty at
   the point in time and collects the writes after it (QEMU's successor); when the
   job fails, the bits it started from are merged back (reclaim), so the next
-  incremental misses nothing.
+  incremental misses nothing. When it completes, the bitmap names that job as its
+  *anchor*: the one backup the next incremental may name as its backing.
 A damaged file is a clear error, never an empty bitmap. Never touches the source's
 data; callers hold the source's lock while they change bitmaps.
 """
@@ -48,6 +51,9 @@ class DirtyBitmap:
     """The bits a running job started from; merged back if the job fails."""
     new: bool = False
     """Created for the running job: if its job fails, nothing anchors it."""
+    anchor: dict | None = None
+    """The backup whose point in time the bits start from: {"job", "target",
+    "point_in_time"} of its record; None for a bitmap added or cleared by hand."""
 
     def dirty_bytes(self, size: int) -> int:
         return min(self.bits.count() * self.granularity, size)
@@ -70,7 +76,7 @@ def store_path(source: Path) -> Path:
 
 
 def identity(st: os.stat_result) -> list[int]:
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 class BitmapStore:
@@ -174,7 +180,9 @@ class BitmapStore:
         del self.bitmaps[name]
 
     def clear(self, name: str) -> None:
-        self.get(name).bits.setall(0)
+        bitmap = self.get(name)
+        bitmap.bits.setall(0)
+        bitmap.anchor = None  # from now on: no backup's point in time
 
     # -- a mount ------------------------------------------------------------------------
 
@@ -196,11 +204,14 @@ class BitmapStore:
         bitmap.consistent, bitmap.reason = True, None
         return bitmap
 
-    def end_job(self, name: str, complete: bool) -> None:
-        """Success: the bitmap holds the writes since the point in time. Otherwise the
-        writes it held before come back (a new bitmap anchors nothing: distrusted)."""
+    def end_job(self, name: str, anchor: dict | None) -> None:
+        """`anchor`: the record fields of the job, if it completed. Then the bitmap holds
+        the writes since its point in time. Otherwise the writes it held before come
+        back (a new bitmap anchors nothing: distrusted), and so does its old anchor."""
         bitmap = self.bitmaps[name]
-        if not complete and bitmap.before_job is not None:
+        if anchor is not None:
+            bitmap.anchor = anchor
+        elif bitmap.before_job is not None:
             if bitmap.new:
                 bitmap.distrust("the full backup that was to anchor it did not complete")
             size = max(len(bitmap.bits), len(bitmap.before_job))
@@ -224,6 +235,7 @@ def _encode(bitmap: DirtyBitmap) -> dict:
         "nbits": len(bitmap.bits),
         "consistent": bitmap.consistent,
         "reason": bitmap.reason,
+        "anchor": bitmap.anchor,
         "bits": base64.b64encode(packed).decode(),
     }
 
@@ -238,8 +250,16 @@ def _decode(doc: dict) -> DirtyBitmap:
     granularity = int(doc["granularity"])
     if granularity <= 0 or granularity & (granularity - 1):
         raise ValueError(f"bitmap {doc['name']!r} has a bad granularity")
+    anchor = doc["anchor"]
+    if anchor is not None and not isinstance(anchor.get("job"), str):
+        raise ValueError(f"bitmap {doc['name']!r} has a bad anchor")
     return DirtyBitmap(
-        str(doc["name"]), granularity, bits[:nbits], bool(doc["consistent"]), doc["reason"]
+        str(doc["name"]),
+        granularity,
+        bits[:nbits],
+        bool(doc["consistent"]),
+        doc["reason"],
+        anchor=anchor,
     )
 
 

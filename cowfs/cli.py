@@ -17,14 +17,17 @@ from typing import Any, NoReturn
 
 from . import VERSION
 from .bitmap import BitmapStore
-from .control import find_mount, read_status, send_command
-from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, CowfsError
+from .chain import links
+from .control import is_mounted, read_status, send_command
+from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, CowfsError
 from .options import JobOptions, SyncMode
 from .policy import CbwPolicy, SourcePolicy, TargetPolicy
-from .preflight import check_cluster_size, check_source
-from .record import Record, pid_alive, read_record, verdict
+from .preflight import canonical_target, check_cluster_size, check_source
+from .record import Record, headline, pid_alive, read_record, verdict
 from .target import FORMATS
 from .units import format_bytes, parse_seconds, parse_size
+
+PROGRESS_S = 0.5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,7 +175,7 @@ def _mount(args: argparse.Namespace) -> int:
     )
     code = run_mount(request)
     if args.foreground:
-        _print_record(read_record(args.target.absolute()))
+        _print_record(read_record(canonical_target(args.target)))
     return code
 
 
@@ -186,6 +189,8 @@ def _status(args: argparse.Namespace) -> int:
     eta = f", ETA {st['eta_s']:.0f} s" if st.get("eta_s") is not None else ""
     why = f" ({st['paused_reason']})" if st.get("paused_reason") else ""
     print(f"state: {st['state']}{why}")
+    if not st["mounted"]:
+        print("mounted: no (the job copies what is left from the quiet source)")
     print(f"source: {st['source']}  ->  target: {st['target']} ({st['format']})")
     print(f"sync: {st['sync']}, cluster size {format_bytes(st['cluster_size'])}")
     print(f"point in time: {st['point_in_time']}")
@@ -202,15 +207,31 @@ def _status(args: argparse.Namespace) -> int:
 
 def _finish(args: argparse.Namespace) -> int:
     st = read_status(args.mountpoint)
-    _unmount(find_mount(args.mountpoint))
-    return _wait_and_report(st)
+    try:
+        if st["mounted"] and is_mounted(Path(st["mountpoint"])):
+            _unmount(Path(st["mountpoint"]))
+        return _wait_and_report(st)
+    except KeyboardInterrupt:
+        return _interrupted(args.mountpoint, st)
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    st = read_status(args.mountpoint)
-    send_command(args.mountpoint, "cancel")
-    _wait_and_report(st)
+    st = send_command(args.mountpoint, "cancel")
+    try:
+        _wait_and_report(st)
+    except KeyboardInterrupt:
+        return _interrupted(args.mountpoint, st)
     return EXIT_OK
+
+
+def _interrupted(mountpoint: Path, status: dict) -> int:
+    """Ctrl-C stops the waiting, not the job: the daemon is a session of its own."""
+    print(
+        f"cowfs: interrupted; the job goes on (pid {status['pid']}): "
+        f"'cowfs status {mountpoint}' shows it",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
 
 
 def _pause(args: argparse.Namespace) -> int:
@@ -222,13 +243,12 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _set_speed(args: argparse.Namespace) -> int:
-    return _control(args.mountpoint, f"set-speed {parse_size(args.speed, 'speed')}")
+    return _control(args.mountpoint, "set-speed", speed=parse_size(args.speed, "speed"))
 
 
-def _control(mountpoint: Path, command: str) -> int:
+def _control(mountpoint: Path, command: str, **args: Any) -> int:
     """Send a command, then show the state it led to."""
-    send_command(mountpoint, command)
-    st = read_status(mountpoint)
+    st = send_command(mountpoint, command, **args)
     why = f" ({st['paused_reason']})" if st.get("paused_reason") else ""
     print(f"{st['state']}{why}, speed {_speed_text(st['speed'])}")
     return EXIT_OK
@@ -239,33 +259,29 @@ def _speed_text(speed: int) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    record = read_record(args.target.absolute())
+    """Exit 0 only if the target and every link of its backing chain are complete: a
+    complete incremental over a broken link restores wrong data."""
+    target = args.target.absolute()
+    record = read_record(target)
+    below = list(links(target))[1:]
+    broken = [link for link in below if link.problem is not None]
     if args.json:
-        print(json.dumps(record.__dict__ | {"verdict": verdict(record)}, indent=2))
+        chain = [{"path": str(link.path), "problem": link.problem} for link in below]
+        print(json.dumps(record.__dict__ | {"verdict": verdict(record), "chain": chain}, indent=2))
     else:
         _print_record(record)
-        _print_chain(args.target.absolute(), record)
-    return EXIT_OK if verdict(record) == "complete" else EXIT_INCOMPLETE
-
-
-def _print_chain(target: Path, record: Record) -> None:
-    """The backing files below `target`, each with what its own record says."""
-    seen = {target}
-    while record.backing is not None:
-        target = (target.parent / record.backing).resolve()
-        if target in seen:
-            print(f"backing: {target} (a loop in the chain)")
-            return
-        seen.add(target)
-        try:
-            record = read_record(target)
-        except CowfsError:
-            print(f"backing: {target} (no cowfs record)")
-            return
-        print(
-            f"backing: {target}: {verdict(record)}, point in time {record.point_in_time}, "
-            f"sync {record.sync}, bitmap {record.bitmap or '-'}"
-        )
+        for link in below:
+            if link.record is None or link.problem is not None:
+                print(f"backing: {link.path}: NOT TRUSTED, {link.problem}")
+            else:
+                r = link.record
+                print(
+                    f"backing: {link.path}: complete, point in time {r.point_in_time}, "
+                    f"sync {r.sync}, bitmap {r.bitmap or '-'}"
+                )
+        if broken:
+            print(f"chain: broken at {broken[0].path}: the target does not restore correctly")
+    return EXIT_OK if verdict(record) == "complete" and not broken else EXIT_INCOMPLETE
 
 
 def _bitmap(args: argparse.Namespace) -> int:
@@ -336,20 +352,36 @@ def _unmount(mountpoint: Path) -> None:
 
 
 def _wait_and_report(status: dict) -> int:
-    """Wait for the daemon to exit, then print what its record says."""
-    _wait_for_exit(int(status["pid"]))
+    """Wait for the daemon to exit (with a progress bar on a terminal), then print what
+    its record says."""
+    _wait_for_exit(Path(status["mountpoint"]), status)
     record = read_record(Path(status["target"]))
     _print_record(record)
     return EXIT_OK if verdict(record) == "complete" else EXIT_INCOMPLETE
 
 
-def _wait_for_exit(pid: int) -> None:
+def _wait_for_exit(mountpoint: Path, status: dict) -> None:
     try:
-        pidfd = os.pidfd_open(pid)
+        pidfd = os.pidfd_open(int(status["pid"]))
     except ProcessLookupError:
         return
     try:
-        select.select([pidfd], [], [])
+        if not sys.stderr.isatty():
+            select.select([pidfd], [], [])
+            return
+        from tqdm import tqdm
+
+        with tqdm(
+            desc="finishing", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
+        ) as bar:
+            while not select.select([pidfd], [], [], PROGRESS_S)[0]:
+                try:
+                    status = read_status(mountpoint)
+                except CowfsError:
+                    continue  # the daemon is going away
+                bar.total, bar.n = status["bytes_total"], status["bytes_done"]
+                bar.set_postfix_str(status["state"], refresh=False)
+                bar.refresh()
     finally:
         os.close(pidfd)
 
@@ -364,7 +396,7 @@ def _print_record(record: Record) -> None:
         )
         print(f"incomplete: {why}")
     else:
-        print(word)
+        print(headline(record))
     print(f"target: {record.target} ({record.format})")
     print(f"source: {record.source}, {format_bytes(record.size)}")
     print(f"point in time: {record.point_in_time}")

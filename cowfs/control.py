@@ -1,92 +1,89 @@
-"""Job control in-band, s3ql's way: a hidden control file in the mount's root.
+"""Job control over a unix socket beside the mountpoint's claim in the run directory: the client.
 
-Reading `MOUNTPOINT/.cowfs-control` returns the job's status as JSON; writing a
-command to it acts on the job. The file is not listed, the kernel's permission
-checks apply (root only), and there is no socket to clean up. Not xattrs: a
-filesystem that answers getxattr gets a GETXATTR round trip for
-security.capability before every single write, which doubled the cost of a
-4 KiB write. The server half answers inside the daemon; the client half is what
-the CLI calls. Never blocks the loop and never touches the source.
+Not a file inside the mount: a name there can be taken by an image (a source
+called `.cowfs-control` once received the commands into the guest's disk), and
+it goes away with the mount while the job may still be copying. The socket lives
+as long as the daemon, is found from the mountpoint alone (claims.py's key, which
+every spelling of the path shares) and is private to its user (the run
+directory is 0700). One request per connection: a JSON line in, a JSON line out.
+This is the half the CLI calls, without trio; control_server.py answers.
 """
 
 import json
 import os
-from collections.abc import Callable
+import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from .claims import claim_file
 from .errors import CowfsError
 
-if TYPE_CHECKING:  # the CLI's client half must start without importing trio
-    from .job import Job
-
-CONTROL_NAME = ".cowfs-control"
 FSTYPE = "fuse.cowfs"
+CLIENT_TIMEOUT_S = 30.0
 
 
-class ControlServer:
-    """Answers status reads and control writes for one job."""
-
-    def __init__(self, job: "Job", mountpoint: str, stop_serving: Callable[[], None]) -> None:
-        self.job = job
-        self.mountpoint = mountpoint
-        self.stop_serving = stop_serving
-        self._stop_when_closed = False
-
-    def status(self) -> bytes:
-        status = self.job.status()
-        status["pid"] = os.getpid()
-        status["mountpoint"] = self.mountpoint
-        return json.dumps(status).encode()
-
-    def closed(self) -> None:
-        """The control file was closed. Only now may a cancel take the mount away: the
-        client's close() must still be answered, or it fails with ECONNABORTED."""
-        if self._stop_when_closed:
-            self.stop_serving()
-
-    def command(self, value: bytes) -> None:
-        """Run a control command; unknown commands raise ValueError."""
-        match value.decode(errors="replace").split():
-            case ["cancel"]:
-                self.job.cancel("cancelled by the user")
-                self._stop_when_closed = True
-            case ["pause"]:
-                self.job.pause("user")
-            case ["resume"]:
-                self.job.resume()
-            case ["set-speed", speed] if speed.isdigit():
-                self.job.set_speed(int(speed))
-            case other:
-                raise ValueError(f"unknown control command {' '.join(other)!r}")
+def socket_path(mountpoint: Path) -> Path:
+    return claim_file("mount", mountpoint, ".sock")
 
 
-def find_mount(mountpoint: Path) -> Path:
-    """The absolute mountpoint if a cowfs mount is there, else a clear error."""
-    path = mountpoint.resolve()
-    with open("/proc/self/mountinfo") as f:
+def request(mountpoint: Path, command: str, **args: Any) -> dict[str, Any]:
+    """Send one request to the daemon of `mountpoint`; returns the job's status after it."""
+    try:
+        path = socket_path(mountpoint)
+    except OSError:
+        raise CowfsError(f"{mountpoint}: no cowfs mount there") from None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CLIENT_TIMEOUT_S)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise CowfsError(f"{mountpoint}: no cowfs mount there") from None
+        try:
+            sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
+            data = b""
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+        except OSError as e:
+            raise CowfsError(f"{mountpoint}: the cowfs daemon did not answer: {e}") from None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise CowfsError(f"{mountpoint}: the cowfs daemon went away during {command}") from None
+    if not reply.get("ok"):
+        raise CowfsError(f"{mountpoint}: {command} refused: {reply.get('error')}")
+    return reply["status"]
+
+
+def read_status(mountpoint: Path) -> dict[str, Any]:
+    """The job's status, mounted or not, while its daemon lives."""
+    return request(mountpoint, "status")
+
+
+def send_command(mountpoint: Path, command: str, **args: Any) -> dict[str, Any]:
+    return request(mountpoint, command, **args)
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    """Whether a cowfs mount is on `mountpoint` (any spelling of it)."""
+    path = os.fsencode(os.path.realpath(mountpoint))
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            left, _, right = line.partition(" - ")
-            mp = left.split()[4].encode().decode("unicode_escape")
-            if mp == str(path) and right.split()[0] == FSTYPE:
-                return path
-    raise CowfsError(f"{mountpoint}: no cowfs mount there")
+            left, _, right = line.partition(b" - ")
+            if _unescape(left.split()[4]) == path and right.split()[0] == FSTYPE.encode():
+                return True
+    return False
 
 
-def read_status(mountpoint: Path) -> dict:
-    """The live job's status, from the mount's control file."""
-    path = find_mount(mountpoint) / CONTROL_NAME
-    try:
-        with open(path, "rb", buffering=0) as f:
-            return json.loads(f.read())
-    except OSError as e:
-        raise CowfsError(f"{mountpoint}: cannot read the job's status: {e.strerror}") from None
-
-
-def send_command(mountpoint: Path, command: str) -> None:
-    path = find_mount(mountpoint) / CONTROL_NAME
-    try:
-        with open(path, "wb", buffering=0) as f:
-            f.write(command.encode())
-    except OSError as e:
-        raise CowfsError(f"{mountpoint}: {command} refused: {e.strerror}") from None
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040 ...);
+    every other byte, UTF-8 included, is as the path has it."""
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i : i + 1] == b"\\" and field[i + 1 : i + 4].isdigit():
+            out.append(int(field[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)

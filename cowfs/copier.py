@@ -82,10 +82,8 @@ class Copier:
         return count
 
 
-async def copy_in_background(job: Job, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Fix the point in time, report readiness, then copy until done, failed or cancelled."""
-    job.start()
-    task_status.started()
+async def copy_in_background(job: Job) -> None:
+    """Copy until done, failed or cancelled (the job's point in time is fixed already)."""
     try:
         with job.copier_scope:
             await Copier(job).run()

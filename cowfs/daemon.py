@@ -2,15 +2,23 @@
 
 The parent waits on a pipe until the child says the live file is usable (the
 point in time is fixed), then exits 0; if the child fails first, the parent
-prints the child's reason and exits non-zero. Threads do not survive fork(), so
-this must run before trio starts its worker threads.
+prints the child's reason and exits non-zero. The parent never returns: what is
+left to undo is the child's. By the fork everything slow is done (the point in
+time is fixed), so the parent waits only for the child to put the target in
+place; Ctrl-C cannot interrupt that half-way, and the child undoes a start that
+fails. Threads do not survive fork(), so this must run before trio starts its
+worker threads.
 """
 
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from .errors import CowfsError
+from .errors import EXIT_ERROR
+
+log = logging.getLogger(__name__)
 
 READY = b"ok"
 
@@ -22,10 +30,14 @@ class Readiness:
         self._fd = fd
 
     def _send(self, message: bytes) -> None:
-        if self._fd is not None:
+        if self._fd is None:
+            return
+        try:
             os.write(self._fd, message)
-            os.close(self._fd)
-            self._fd = None
+        except BrokenPipeError:  # the parent was killed: nobody to tell, the job goes on
+            log.warning("the mount command went away before it heard the outcome")
+        os.close(self._fd)
+        self._fd = None
 
     def ready(self) -> None:
         self._send(READY)
@@ -41,6 +53,7 @@ def daemonize(log_file: Path) -> Readiness:
     sys.stdout.flush()
     sys.stderr.flush()
     if os.fork():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.close(write_fd)
         chunks = []
         while chunk := os.read(read_fd, 4096):
@@ -48,9 +61,9 @@ def daemonize(log_file: Path) -> Readiness:
         message = b"".join(chunks).decode(errors="replace")
         if message == READY.decode():
             os._exit(0)
-        raise CowfsError(
-            message or f"the cowfs daemon died before the mount was ready; see {log_file}"
-        )
+        reason = message or f"the cowfs daemon died before the mount was ready; see {log_file}"
+        print(f"cowfs: error: {reason}", file=sys.stderr, flush=True)
+        os._exit(EXIT_ERROR)
     os.close(read_fd)
     os.setsid()
     os.chdir("/")  # hold no directory busy: every path is absolute by now

@@ -10,6 +10,8 @@ EXIT_INCOMPLETE = 1
 """The backup ended but is not trustworthy: failed, cancelled or incomplete."""
 EXIT_ERROR = 2
 """Bad input or an operation that could not be done; nothing was changed."""
+EXIT_INTERRUPTED = 130
+"""Waiting was interrupted (Ctrl-C); the job it waited for goes on."""
 
 
 class CowfsError(Exception):

@@ -1,8 +1,8 @@
 """The FUSE operations: a thin pyfuse3 adapter presenting the source as one live file.
 
-The mount's root lists exactly one file, named like the source; the hidden
-control file (control.py) answers only to its name. Every mutating
-operation asks the job for copy-before-write first, then touches the source.
+The mount's root lists exactly one file, named like the source, and nothing else
+(job control is a socket outside the mount: no image name can shadow it). Every
+mutating operation asks the job for copy-before-write first, then touches the source.
 Must never raise anything but FUSEError out of a handler: pyfuse3 would tear
 the mount down. One error boundary (`_boundary`) turns OSError into its errno
 and anything else into a failed backup plus EIO.
@@ -22,7 +22,6 @@ import trio
 
 from .bitmap import BitmapStore
 from .busypoll import BusyPoller
-from .control import CONTROL_NAME, ControlServer
 from .job import Job
 from .transfer import read_cached
 
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 LIVE = ROOT + 1
-CONTROL = ROOT + 2
 ATTR_TIMEOUT = 1.0
 """Only this mount changes the source (it is locked), so the kernel may cache attributes."""
 
@@ -59,7 +57,6 @@ class LiveFS(pyfuse3.Operations):
         self,
         job: Job,
         name: str,
-        control: ControlServer,
         poller: BusyPoller,
         dirty: BitmapStore,
     ) -> None:
@@ -69,10 +66,6 @@ class LiveFS(pyfuse3.Operations):
         self.job = job
         self.fd = job.source_fd
         self.name = name.encode()
-        self.control = control
-        self.control_name = CONTROL_NAME.encode()
-        self.snapshots: dict[int, bytes] = {}  # control file handle -> status read at open
-        self.next_fh = CONTROL + 1
         self.created_ns = time.time_ns()
 
     # -- attributes -----------------------------------------------------------
@@ -83,9 +76,9 @@ class LiveFS(pyfuse3.Operations):
         attrs.attr_timeout = ATTR_TIMEOUT
         attrs.entry_timeout = ATTR_TIMEOUT
         attrs.st_blksize = 4096
-        if inode in (ROOT, CONTROL):
-            attrs.st_mode = stat.S_IFDIR | 0o755 if inode == ROOT else stat.S_IFREG | 0o600
-            attrs.st_nlink = 2 if inode == ROOT else 1
+        if inode == ROOT:
+            attrs.st_mode = stat.S_IFDIR | 0o755
+            attrs.st_nlink = 2
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.created_ns
             return attrs
         st = os.fstat(self.fd)
@@ -104,8 +97,6 @@ class LiveFS(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx):
         if parent_inode == ROOT and name == self.name:
             return self._attrs(LIVE)
-        if parent_inode == ROOT and name == self.control_name:
-            return self._attrs(CONTROL)
         if parent_inode == ROOT and name == b"..":
             return self._attrs(ROOT)
         raise pyfuse3.FUSEError(errno.ENOENT)
@@ -116,16 +107,10 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if inode == CONTROL:
-            return self._attrs(inode)  # opening it for writing truncates: nothing to do
         if inode != LIVE:
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_size:
-            if attr.st_size < self.job.size:  # shrinking destroys data: copy it first
-                await self.job.copy_before_write(attr.st_size, self.job.size - attr.st_size)
-            old = os.fstat(self.fd).st_size
-            self.dirty.mark(min(old, attr.st_size), abs(old - attr.st_size))
-            os.ftruncate(self.fd, attr.st_size)
+            await self._truncate(attr.st_size)
         if fields.update_mode:
             os.fchmod(self.fd, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
@@ -157,21 +142,25 @@ class LiveFS(pyfuse3.Operations):
 
     # -- the live file ----------------------------------------------------------
 
+    async def _truncate(self, size: int) -> None:
+        """Resize the source; shrinking destroys data, which is copied first."""
+        if size < self.job.size:
+            await self.job.copy_before_write(size, self.job.size - size)
+        old = os.fstat(self.fd).st_size
+        self.dirty.mark(min(old, size), abs(old - size))
+        os.ftruncate(self.fd, size)
+
     @_boundary
     async def open(self, inode, flags, ctx):
-        if inode == CONTROL:
-            fh = self.next_fh
-            self.next_fh += 1
-            self.snapshots[fh] = self.control.status()
-            return pyfuse3.FileInfo(fh=fh, direct_io=True)  # never cached: always fresh
         if inode != LIVE:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            # libfuse asks for atomic O_TRUNC: no setattr follows, so truncate here
+            await self._truncate(0)
         return pyfuse3.FileInfo(fh=LIVE)
 
     @_boundary
     async def read(self, fh, off, size):
-        if fh != LIVE:
-            return self.snapshots[fh][off : off + size]
         self.poller.request_seen()
         view = memoryview(bytearray(size))
         got = read_cached(self.fd, view, off)  # from the page cache, or else in a thread
@@ -181,13 +170,6 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def write(self, fh, off, buf):
-        if fh != LIVE:
-            try:
-                self.control.command(buf)
-            except ValueError as e:
-                log.warning("%s", e)
-                raise pyfuse3.FUSEError(errno.EINVAL) from None
-            return len(buf)
         self.poller.request_seen()
         await self.job.copy_before_write(off, len(buf))
         self.dirty.mark(off, len(buf))
@@ -203,9 +185,7 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh):
-        if fh != LIVE:
-            del self.snapshots[fh]
-            self.control.closed()
+        pass  # the source stays open for the whole mount
 
     # -- the root directory -------------------------------------------------------
 

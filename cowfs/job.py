@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,6 +62,9 @@ class Job:
     ):
         """`incremental`: for sync incremental, the clusters to copy (a dirty bitmap at
         the point in time, one bit per cluster of this job)."""
+        self.id = uuid.uuid4().hex
+        """Names this job in its record and in the bitmap it anchors: the link a chain's
+        next incremental must name as its backing."""
         self.source_fd = source_fd
         self.incremental = incremental
         self.source = source
@@ -101,7 +105,9 @@ class Job:
         ones in holes of the source are done from the start (their old content is
         zero: the target is told so, which a fresh raw file already is). The copier
         copies the selected ones; copy-before-write saves the rest of the needed
-        ones before they change (in `none` mode: all of them).
+        ones before they change (in `none` mode: all of them). Over a backing file
+        `top` needs the holes too, as zero clusters: a hole must not read through
+        to whatever the backing held there.
         """
         self.size = os.fstat(self.source_fd).st_size
         data = data_clusters(self.source_fd, self.size, self.cluster_size)
@@ -110,7 +116,8 @@ class Job:
             case SyncMode.FULL:
                 needed, self.selected = everything, everything
             case SyncMode.TOP:
-                needed, self.selected = data, data.copy()
+                needed = everything if self.target.backing is not None else data
+                self.selected = data.copy()
             case SyncMode.INCREMENTAL:
                 assert self.incremental is not None, "incremental needs its bitmap"
                 needed = self.incremental[: len(data)]
@@ -135,8 +142,8 @@ class Job:
 
     @property
     def copying(self) -> bool:
-        """Whether the copier should still work (the job is live or completing)."""
-        return self.state in (JobState.RUNNING, JobState.COMPLETING)
+        """Whether the copier has work to do or wait for (paused counts: it resumes)."""
+        return self.state in (JobState.RUNNING, JobState.PAUSED, JobState.COMPLETING)
 
     @property
     def protecting(self) -> bool:

@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,9 +21,10 @@ import trio
 from bitarray import bitarray
 
 from . import preflight
-from .bitmap import BitmapStore, to_clusters
+from .bitmap import BitmapStore, DirtyBitmap, to_clusters
 from .busypoll import BusyPoller
-from .control import ControlServer
+from .claims import Claim, rename_noreplace
+from .control_server import ControlServer, listen
 from .copier import copy_in_background
 from .daemon import Readiness, daemonize
 from .errors import EXIT_INCOMPLETE, EXIT_OK, CowfsError
@@ -31,7 +33,7 @@ from .imagelock import Role, lock_image
 from .job import Job, JobOptions, JobState, SyncMode
 from .log import setup_logging
 from .progress import show_progress
-from .record import Record, log_path, record_path, write_record
+from .record import Record, log_path, read_record, record_path, write_record
 from .target import Target, create_target
 
 log = logging.getLogger(__name__)
@@ -59,68 +61,113 @@ class MountRequest:
 
 def run_mount(req: MountRequest) -> int:
     """Mount, serve until unmounted, finish the backup. Returns the exit code."""
-    source, mountpoint, target_path = (
-        p.absolute() for p in (req.source, req.mountpoint, req.target)
-    )
+    source, mountpoint = req.source.absolute(), req.mountpoint.absolute()
+    target_path = preflight.canonical_target(req.target)
     preflight.check_cluster_size(req.options.cluster_size)
     source_st = preflight.check_source(source)
     preflight.check_mountpoint(mountpoint)
-    preflight.check_target(target_path, source_st, mountpoint, req.force)
+    preflight.check_target(target_path, source, source_st, mountpoint, req.force)
     if req.backing is not None:
         preflight.check_backing(req.backing, source_st, target_path)
 
-    with contextlib.ExitStack() as undo:  # until the mount exists, a failure undoes it all
-        source_fd = _open_locked(source, "source")
-        undo.callback(os.close, source_fd)
-        if target_path.exists():  # --force: never replace a file another job is using
-            os.close(_open_locked(target_path, "target"))
-        dirty = BitmapStore.load(source, holding_lock=True)
-        incremental = _start_bitmap(dirty, req, source_st.st_size)
-        tmp = target_path.with_name(f".{target_path.name}.cowfs-{os.getpid()}.tmp")
-        target = _create_target(tmp, target_path, source_st.st_size, req)
-        undo.callback(tmp.unlink)
-        undo.callback(target.close)
-
-        job = Job(source_fd, str(source), target, req.options, incremental)
-        stop = trio.Event()
-        control = ControlServer(job, str(mountpoint), stop_serving=stop.set)
-        poller = BusyPoller()
-        fs = LiveFS(job, source.name, control, poller, dirty)
-        options = set(pyfuse3.default_options) | MOUNT_OPTIONS
-        if req.allow_other:
-            options.add("allow_other")
-        try:
-            pyfuse3.init(fs, str(mountpoint), options)
-        except Exception as e:  # pyfuse3 raises RuntimeError with libfuse's reason
-            raise CowfsError(f"cannot mount on {mountpoint}: {e}") from None
-        undo.pop_all()
-    os.replace(tmp, target_path)
-    target.path = target_path
-    record_path(target_path).unlink(missing_ok=True)
-
-    if req.foreground:
-        setup_logging(None, req.debug)
-        readiness = Readiness(None)
-    else:
-        readiness = daemonize(log_path(target_path))
-        setup_logging(log_path(target_path), req.debug)
+    readiness: Readiness | None = None
+    claims: list[Claim] = []
+    old_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        trio.run(_serve, job, dirty, poller, stop, readiness, req.progress)
+        with contextlib.ExitStack() as undo:  # until the daemon runs, a failure undoes it all
+            for kind, path, what in (
+                ("mount", mountpoint, "mountpoint"),
+                ("target", target_path, "target"),
+            ):
+                claims.append(Claim.take(kind, path, what))
+                undo.callback(claims[-1].release)
+            # Again, now that no other cowfs can race for these names:
+            preflight.check_mountpoint(mountpoint)
+            preflight.check_target(target_path, source, source_st, mountpoint, req.force)
+
+            source_fd = _open_locked(source, "source")
+            undo.callback(os.close, source_fd)
+            replaced = None
+            if target_path.exists():  # --force: never replace a file another job is using
+                replaced_fd = _open_locked(target_path, "target")
+                undo.callback(os.close, replaced_fd)
+                replaced = os.fstat(replaced_fd)
+            dirty = BitmapStore.load(source, holding_lock=True)
+            incremental = _start_bitmap(dirty, req, source_st.st_size)
+            tmp = target_path.with_name(f".{target_path.name}.cowfs-{os.getpid()}.tmp")
+            target = _create_target(tmp, target_path, source_st.st_size, req)
+            undo.callback(tmp.unlink, missing_ok=True)
+            undo.callback(target.close)
+            target.path = target_path  # what the record and status name; tmp is ours alone
+
+            job = Job(source_fd, str(source), target, req.options, incremental)
+            sock_path = claims[0].lock.with_suffix(".sock")
+            sock = listen(sock_path)
+            undo.callback(sock.close)
+            undo.callback(sock_path.unlink, missing_ok=True)
+            stop = trio.Event()
+            poller = BusyPoller()
+            fs = LiveFS(job, source.name, poller, dirty)
+            options = set(pyfuse3.default_options) | MOUNT_OPTIONS
+            if req.allow_other:
+                options.add("allow_other")
+            try:
+                pyfuse3.init(fs, str(mountpoint), options)
+            except Exception as e:  # pyfuse3 raises RuntimeError with libfuse's reason
+                raise CowfsError(f"cannot mount on {mountpoint}: {e}") from None
+            undo.callback(pyfuse3.close, unmount=True)
+            job.start()  # the point in time; nothing is served before it (slow on huge sources)
+
+            if req.foreground:
+                setup_logging(None, req.debug)
+                readiness = Readiness(None)
+            else:
+                readiness = daemonize(log_path(target_path))
+                setup_logging(log_path(target_path), req.debug)
+            for claim in claims:
+                claim.held_by(os.getpid())
+            _write_record(job, reserve=True)  # no record, no backup: this one must succeed
+            undo.callback(record_path(target_path).unlink, missing_ok=True)
+            _place_target(tmp, target_path, replaced)
+            if dirty.bitmaps:  # a crash from here on leaves them marked in use: inconsistent
+                dirty.save(os.getpid(), os.fstat(source_fd))
+            undo.pop_all()
+    except BaseException as e:
+        error = e
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: a failed start like any other
+            error = CowfsError("interrupted before the mount was ready; nothing was changed")
+        if readiness is not None:
+            readiness.failed(error.message if isinstance(error, CowfsError) else repr(error))
+        raise error from None
+    finally:
+        signal.signal(signal.SIGTERM, old_sigterm)
+    if replaced is not None:
+        os.close(replaced_fd)  # the file it named is gone: replaced by the new target
+
+    control = ControlServer(job, str(mountpoint), stop_serving=stop.set)
+    try:
+        trio.run(_serve, job, poller, control, sock, stop, readiness, req.progress)
     except BaseException as e:
         readiness.failed(f"cowfs daemon failed: {e!r}")
         raise
     finally:
         if req.options.bitmap is not None:
-            dirty.end_job(req.options.bitmap, complete=job.state is JobState.COMPLETE)
+            complete = job.state is JobState.COMPLETE
+            dirty.end_job(req.options.bitmap, _anchor(job) if complete else None)
         bitmaps_saved = _save_bitmaps(dirty, None, source_fd)
         saved = _save_record(job, reserve=False) and bitmaps_saved
+        sock.close()
+        sock_path.unlink(missing_ok=True)
+        for claim in claims:
+            claim.release()
     log.info("backup %s: %s", job.state, target_path)
     return EXIT_OK if job.state is JobState.COMPLETE and saved else EXIT_INCOMPLETE
 
 
 def _start_bitmap(dirty: BitmapStore, req: MountRequest, size: int) -> bitarray | None:
     """Anchor or use the job's bitmap at the point in time; for an incremental, return
-    the clusters to copy. Refuses a bitmap that cannot be trusted."""
+    the clusters to copy. Refuses a bitmap that cannot be trusted, and a backing that is
+    not the backup the bitmap's writes are counted from."""
     name = req.options.bitmap
     if name is None:
         return None
@@ -132,11 +179,30 @@ def _start_bitmap(dirty: BitmapStore, req: MountRequest, size: int) -> bitarray 
                 f"bitmap {name!r} of {dirty.source} is inconsistent ({bitmap.reason}); "
                 f"take a full backup with --sync full --bitmap {name}"
             )
+        if req.backing is not None:
+            _check_anchor(bitmap, req.backing)
     bitmap = dirty.start_job(name, cluster_size, size)
     if req.options.sync is not SyncMode.INCREMENTAL:
         return None
     assert bitmap.before_job is not None
     return to_clusters(bitmap.before_job, bitmap.granularity, cluster_size)
+
+
+def _check_anchor(bitmap: DirtyBitmap, backing: Path) -> None:
+    """An incremental holds the writes since the bitmap's anchor: over any other backing
+    (an older link, a failed one) the chain would restore wrong data."""
+    name = bitmap.name
+    if bitmap.anchor is None:
+        raise CowfsError(
+            f"bitmap {name!r} counts writes since no backup (it was added or cleared by hand), "
+            f"so it cannot extend {backing}; take a full backup with --sync full --bitmap {name}"
+        )
+    if read_record(backing).job != bitmap.anchor["job"]:
+        raise CowfsError(
+            f"bitmap {name!r} counts writes since {bitmap.anchor['target']} "
+            f"(point in time {bitmap.anchor['point_in_time']}), not since {backing}; "
+            f"use --backing {bitmap.anchor['target']}"
+        )
 
 
 def _create_target(tmp: Path, final: Path, size: int, req: MountRequest) -> Target:
@@ -156,6 +222,36 @@ def _create_target(tmp: Path, final: Path, size: int, req: MountRequest) -> Targ
         tmp.unlink()
         raise CowfsError(f"cannot lock target {final}: {e}") from None
     return target
+
+
+def _place_target(tmp: Path, final: Path, replaced: os.stat_result | None) -> None:
+    """Give the new target its name. Only the file this job locked (--force) is replaced;
+    one that appeared meanwhile from outside cowfs is not, and the start fails."""
+    try:
+        st = os.stat(final)
+    except FileNotFoundError:
+        st = None
+    try:
+        if st is None or replaced is None:
+            rename_noreplace(tmp, final)
+        elif (st.st_dev, st.st_ino) == (replaced.st_dev, replaced.st_ino):
+            os.replace(tmp, final)
+        else:
+            raise FileExistsError
+    except FileExistsError:
+        raise CowfsError(f"target {final} was created from outside cowfs meanwhile") from None
+    except OSError as e:
+        raise CowfsError(f"cannot name the target {final}: {e.strerror}") from None
+
+
+def _anchor(job: Job) -> dict:
+    """What a bitmap remembers of the complete job it restarted at (bitmap.py)."""
+    assert job.point_in_time is not None
+    return {
+        "job": job.id,
+        "target": str(job.target.path),
+        "point_in_time": job.point_in_time.isoformat(),
+    }
 
 
 def _save_bitmaps(dirty: BitmapStore, in_use_by: int | None, source_fd: int) -> bool:
@@ -193,17 +289,18 @@ def _open_locked(path: Path, role: Role) -> int:
 
 async def _serve(
     job: Job,
-    dirty: BitmapStore,
     poller: BusyPoller,
+    control: ControlServer,
+    sock: socket.socket,
     stop: trio.Event,
     readiness: Readiness,
     progress: bool,
 ) -> None:
+    """Serve the live file until unmounted, then finish the job; control goes on
+    answering throughout, also after the mount is gone and the copier still copies."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(copy_in_background, job)  # fixes the point in time
-        _write_record(job, reserve=True)  # no record, no backup: this one must succeed
-        if dirty.bitmaps:  # a crash from here on leaves them marked in use: inconsistent
-            dirty.save(os.getpid(), os.fstat(job.source_fd))
+        nursery.start_soon(copy_in_background, job)
+        nursery.start_soon(control.serve, sock)
         nursery.start_soon(_cancel_on_signals, job, stop)
         nursery.start_soon(_record_when_ended, job)
         if progress:
@@ -218,6 +315,7 @@ async def _serve(
         finally:
             # No request is served from here on: the source is quiet.
             pyfuse3.close(unmount=True)
+            control.mounted = False
         with trio.CancelScope(shield=True):
             await job.complete()
         nursery.cancel_scope.cancel()
@@ -232,8 +330,8 @@ async def _cancel_on_signals(job: Job, stop: trio.Event) -> None:
 
 async def _stop_serving_when(stop: trio.Event) -> None:
     """Leave pyfuse3.main() from a task of its own, so that the request asking for it
-    (a cancel through the control file) is answered first. Cancelled as soon as main()
-    returns: terminate() after close() would touch a freed session."""
+    (a cancel) is answered first. Cancelled as soon as main() returns: terminate()
+    after close() would touch a freed session."""
     await stop.wait()
     pyfuse3.terminate()
 
@@ -282,5 +380,6 @@ def _write_record(job: Job, reserve: bool) -> None:
         errors=list(job.errors),
         bitmap=job.options.bitmap,
         backing=None if job.target.backing is None else str(job.target.backing),
+        job=job.id,
     )
     write_record(record_path(Path(job.target.path)), record, reserve)

@@ -6,13 +6,19 @@ changes anything on disk: a refused request leaves no trace.
 
 import errno
 import os
+import re
 from pathlib import Path
 
+from . import chain
+from .bitmap import store_path
 from .errors import CowfsError
-from .target.qcow2 import backing_name
 
 MIN_CLUSTER = 4 << 10
 MAX_CLUSTER = 16 << 20
+
+OWN_FILE = re.compile(r".*\.cowfs(\.json|\.log|-bitmaps\.json)(\.tmp)?|.*\.cowfs-\d+\.tmp", re.S)
+"""Names of cowfs's own files (records, logs, bitmaps, their temporary files): never a
+target, which would destroy one of them or be mistaken for one."""
 
 
 def check_cluster_size(size: int) -> int:
@@ -53,10 +59,27 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise CowfsError(f"mountpoint {mountpoint} is not empty")
 
 
-def check_target(target: Path, source: os.stat_result, mountpoint: Path, force: bool) -> None:
+def canonical_target(target: Path) -> Path:
+    """The target's one true path: its real directory and its name (a symbolic link to an
+    existing file is followed), whatever the spelling. A missing directory is left as is
+    for check_target to name."""
+    path = Path.cwd() / target
+    if path.is_symlink() and path.exists():
+        path = path.resolve()
+    return path.parent.resolve() / path.name if path.parent.is_dir() else path
+
+
+def check_target(
+    target: Path, source_path: Path, source: os.stat_result, mountpoint: Path, force: bool
+) -> None:
+    """`target` is canonical (canonical_target)."""
     parent = target.parent
     if not parent.is_dir():
         raise CowfsError(f"target directory {parent} does not exist")
+    if OWN_FILE.fullmatch(target.name) or target == store_path(source_path):
+        raise CowfsError(
+            f"target {target} is named like a file of cowfs's own; choose another name"
+        )
     if target.resolve().is_relative_to(mountpoint.resolve()):
         raise CowfsError(f"target {target} lies inside the mountpoint {mountpoint}")
     try:
@@ -67,6 +90,9 @@ def check_target(target: Path, source: os.stat_result, mountpoint: Path, force: 
         return
     if (st.st_dev, st.st_ino) == (source.st_dev, source.st_ino):
         raise CowfsError(f"target {target} is the source itself")
+    bitmaps = store_path(source_path)
+    if bitmaps.exists() and os.path.samefile(bitmaps, target):
+        raise CowfsError(f"target {target} is the bitmap file of the source")
     if not os.path.isfile(target):
         raise CowfsError(f"target {target} exists and is not a regular file")
     if not force:
@@ -74,7 +100,9 @@ def check_target(target: Path, source: os.stat_result, mountpoint: Path, force: 
 
 
 def check_backing(backing: Path, source: os.stat_result, target: Path) -> None:
-    """The previous link of a chain: an existing regular file, neither source nor target."""
+    """The previous link of a chain: an existing regular file, neither source nor target,
+    on a chain whose every link's record says complete (a link that is not would make
+    the new one restore wrong data, whatever its own record said)."""
     try:
         st = os.stat(backing)
     except OSError as e:
@@ -83,16 +111,9 @@ def check_backing(backing: Path, source: os.stat_result, target: Path) -> None:
         raise CowfsError(f"backing file {backing} is not a regular file")
     if (st.st_dev, st.st_ino) == (source.st_dev, source.st_ino):
         raise CowfsError(f"backing file {backing} is the source itself")
-    link: Path | None = backing
-    seen: set[tuple[int, int]] = set()
-    while link is not None:  # the new target must not read through itself
-        st = os.stat(link)
-        if (st.st_dev, st.st_ino) in seen:
-            raise CowfsError(f"the backing chain of {backing} loops at {link}")
-        seen.add((st.st_dev, st.st_ino))
-        if target.exists() and os.path.samefile(link, target):
+    for link in chain.links(backing):  # the new target must not read through itself
+        if target.exists() and link.path.exists() and os.path.samefile(link.path, target):
             raise CowfsError(f"target {target} is part of the backing chain of {backing}")
-        name = backing_name(link)
-        link = None if name is None else link.parent / name
-        if link is not None and not link.exists():
-            raise CowfsError(f"backing file {link} of the chain of {backing} is missing")
+        if link.problem is not None:
+            where = "" if link.path == backing else f" (in the chain of {backing})"
+            raise CowfsError(f"backing file {link.path}{where} cannot be trusted: {link.problem}")

@@ -49,6 +49,8 @@ class Record:
     errors: list[str] = field(default_factory=list)
     bitmap: str | None = None
     backing: str | None = None
+    job: str | None = None
+    """The job's id; a bitmap names the job that anchored it (chains are checked by it)."""
     version: int = 1
 
 
@@ -120,3 +122,12 @@ def pid_alive(pid: int) -> bool:
 def verdict(record: Record) -> str:
     """One word a script can trust: complete, failed, cancelled or incomplete."""
     return record.status if record.status in FINAL_STATES else "incomplete"
+
+
+def headline(record: Record) -> str:
+    """The verdict as a person reads it: a complete `none` job holds only the old content
+    of the clusters overwritten while it ran, and says so."""
+    word = verdict(record)
+    if word == "complete" and record.sync == "none":
+        return "complete (fleecing: overwritten clusters only)"
+    return word

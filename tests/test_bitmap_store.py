@@ -12,6 +12,11 @@ from cowfs.bitmap import BitmapStore, store_path, to_clusters
 from cowfs.errors import CowfsError
 
 G = 64 << 10
+ANCHOR = {
+    "job": "0123abcd",
+    "target": "/b/full.qcow2",
+    "point_in_time": "2026-11-30T02:00:00+00:00",
+}
 
 
 @pytest.fixture
@@ -88,8 +93,27 @@ def test_success_keeps_the_writes_since_the_point_in_time(source: Path) -> None:
     store.add("n", G, 1 << 20).mark(0, 1)
     store.start_job("n", G, 1 << 20)
     store.mark(3 * G, 1)
-    store.end_job("n", complete=True)
+    store.end_job("n", anchor=ANCHOR)
     assert list(store.get("n").bits.search(1)) == [3]
+    assert store.get("n").anchor == ANCHOR
+
+
+def test_failure_keeps_the_old_anchor(source: Path) -> None:
+    store = BitmapStore.load(source, holding_lock=True)
+    store.start_job("n", G, 1 << 20)
+    store.end_job("n", anchor=ANCHOR)
+    store.start_job("n", G, 1 << 20)
+    store.end_job("n", anchor=None)
+    store.save(None, os.stat(source))
+    assert BitmapStore.load(source, holding_lock=True).get("n").anchor == ANCHOR
+
+
+def test_clear_forgets_the_anchor(source: Path) -> None:
+    store = BitmapStore.load(source, holding_lock=True)
+    store.start_job("n", G, 1 << 20)
+    store.end_job("n", anchor=ANCHOR)
+    store.clear("n")
+    assert store.get("n").anchor is None
 
 
 def test_failure_gives_back_the_union(source: Path) -> None:
@@ -97,7 +121,7 @@ def test_failure_gives_back_the_union(source: Path) -> None:
     store.add("n", G, 1 << 20).mark(0, 1)
     store.start_job("n", G, 1 << 20)
     store.mark(3 * G, 1)
-    store.end_job("n", complete=False)
+    store.end_job("n", anchor=None)
     assert list(store.get("n").bits.search(1)) == [0, 3]
     assert store.get("n").consistent
 
@@ -105,7 +129,7 @@ def test_failure_gives_back_the_union(source: Path) -> None:
 def test_a_new_bitmap_whose_full_backup_failed_is_not_trusted(source: Path) -> None:
     store = BitmapStore.load(source, holding_lock=True)
     store.start_job("n", G, 1 << 20)
-    store.end_job("n", complete=False)
+    store.end_job("n", anchor=None)
     assert not store.get("n").consistent
     assert "did not complete" in store.get("n").reason
 
@@ -114,7 +138,7 @@ def test_anchoring_makes_an_inconsistent_bitmap_consistent(source: Path) -> None
     store = BitmapStore.load(source, holding_lock=True)
     store.add("n", G, 1 << 20).distrust("for the test")
     store.start_job("n", G, 1 << 20)
-    store.end_job("n", complete=True)
+    store.end_job("n", anchor=ANCHOR)
     assert store.get("n").consistent
 
 

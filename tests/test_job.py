@@ -50,6 +50,7 @@ class RecordingTarget:
     """
 
     format = "raw"
+    backing = None
 
     def __init__(
         self,
@@ -271,7 +272,8 @@ async def test_point_in_time_under_concurrent_writes(
     try:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                await nursery.start(copy_in_background, job)
+                job.start()
+                nursery.start_soon(copy_in_background, job)
                 assert job.state is JobState.RUNNING
                 async with trio.open_nursery() as guests:
                     for _ in range(rng.randint(1, 8)):
@@ -338,7 +340,8 @@ async def test_cbw_waits_for_the_copier_claim(tmp_path: Path) -> None:
     try:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                await nursery.start(copy_in_background, job)
+                job.start()
+                nursery.start_soon(copy_in_background, job)
                 await poll(lambda: job.claims.is_claimed(0))
                 nursery.start_soon(guest_write)
                 await trio.testing.wait_all_tasks_blocked()
@@ -396,7 +399,8 @@ async def test_empty_source(tmp_path: Path) -> None:
     job, _ = make_job(tmp_path, source, SyncMode.FULL, 64 * KiB)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             await job.copy_before_write(0, 100)
             await job.complete()
         assert job.state is JobState.COMPLETE
@@ -447,7 +451,8 @@ async def test_target_stays_sparse(tmp_path: Path, sync: SyncMode) -> None:
     job, target = make_job(tmp_path, source, sync, CS)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             await job.copy_before_write(9 * CS, 1)  # CBW of a data cluster
             os.pwrite(job.source_fd, b"x", 9 * CS)
             await job.copy_before_write(12 * CS, CS)  # CBW of a hole: nothing to copy
@@ -484,7 +489,8 @@ async def test_cbw_error_breaks_the_snapshot(tmp_path: Path) -> None:
     try:
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
-                await nursery.start(copy_in_background, job)
+                job.start()
+                nursery.start_soon(copy_in_background, job)
                 await job.copy_before_write(bad * cs + 100, 10)  # returns: the guest proceeds
                 assert job.state is JobState.FAILED
                 assert any(
@@ -516,7 +522,8 @@ async def test_cbw_error_in_sync_none_stays_failed(tmp_path: Path) -> None:
     try:
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
-                await nursery.start(copy_in_background, job)
+                job.start()
+                nursery.start_soon(copy_in_background, job)
                 await job.copy_before_write(0, 2 * cs)
                 await job.copy_before_write(3 * cs, 1)
                 os.pwrite(job.source_fd, b"guest", 3 * cs)
@@ -537,7 +544,8 @@ async def test_copier_error_fails_the_job(tmp_path: Path) -> None:
     try:
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
-                await nursery.start(copy_in_background, job)
+                job.start()
+                nursery.start_soon(copy_in_background, job)
                 await job.complete()
                 calls = len(target.calls)
                 await job.copy_before_write(0, 2 * MiB)
@@ -556,7 +564,8 @@ async def test_cancel_stops_copier_and_cbw(tmp_path: Path) -> None:
     try:
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
-                await nursery.start(copy_in_background, job)
+                job.start()
+                nursery.start_soon(copy_in_background, job)
                 await poll(lambda: job.bytes_copier > 0)
                 job.cancel("by the test")
                 assert job.state is JobState.CANCELLED

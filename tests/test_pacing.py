@@ -93,7 +93,8 @@ async def test_copier_honours_speed(tmp_path: Path, autojump_clock: trio.testing
     try:
         t0 = trio.current_time()
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             await job.complete()
         elapsed = trio.current_time() - t0
     finally:

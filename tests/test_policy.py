@@ -89,7 +89,8 @@ async def test_full_target_pauses_then_resumes_to_a_complete_backup(
     before = snapshot(tmp_path)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             await wait_state(job, JobState.PAUSED)
             status = job.status()
             assert status["paused_reason"] == "error"
@@ -118,7 +119,8 @@ async def test_enospc_policy_reports_other_errors(tmp_path: Path) -> None:
     )
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             await job.complete()
         assert job.state is JobState.FAILED
         assert "Input/output error" in job.errors[0]
@@ -137,7 +139,8 @@ async def test_ignore_retries_until_the_error_goes_away(tmp_path: Path) -> None:
     before = snapshot(tmp_path)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             await poll(lambda: target.failures >= 3)
             assert job.state is JobState.RUNNING
             assert "Input/output error" in job.status()["last_error"]
@@ -167,7 +170,8 @@ async def test_a_stopped_job_that_cannot_recover_after_unmount_fails(tmp_path: P
     )
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             await wait_state(job, JobState.PAUSED)
             with trio.fail_after(10):
                 await job.complete()  # unmounted: nobody can resume any more
@@ -188,7 +192,8 @@ async def test_break_guest_write_fails_the_write_and_keeps_the_backup(tmp_path: 
     before = snapshot(tmp_path)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             with pytest.raises(OSError) as e:
                 await job.copy_before_write(9 * CS + 5, 100)
             assert e.value.errno == errno.EIO
@@ -212,7 +217,8 @@ async def test_cbw_timeout_breaks_the_snapshot_instead_of_stalling(tmp_path: Pat
     )
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             with trio.fail_after(5):
                 await job.copy_before_write(4 * CS, 10)  # returns although the target hangs
             assert job.state is JobState.FAILED
@@ -228,7 +234,8 @@ async def test_user_pause_holds_the_copier(tmp_path: Path) -> None:
     before = snapshot(tmp_path)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(copy_in_background, job)
+            job.start()
+            nursery.start_soon(copy_in_background, job)
             job.pause("user")
             await poll(lambda: len(job.claims) == 0)  # the batch in flight, if any, is done
             copied = job.bytes_copier

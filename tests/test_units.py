@@ -289,7 +289,7 @@ def test_mountpoint_already_mounted(tmp_path: Path) -> None:
 
 def check_target(world: Path, target: Path, force: bool = False) -> None:
     st = os.stat(world / "disk.img")
-    preflight.check_target(target, st, world / "mnt", force)
+    preflight.check_target(target, world / "disk.img", st, world / "mnt", force)
 
 
 def test_target_ok(world: Path) -> None:
