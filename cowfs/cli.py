@@ -5,6 +5,7 @@ is not complete exits 1; only a complete one exits 0. Tracebacks are for bugs.
 """
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -12,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,11 +25,12 @@ from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, Cowf
 from .options import JobOptions, SyncMode
 from .policy import CbwPolicy, SourcePolicy, TargetPolicy
 from .preflight import canonical_target, check_cluster_size, check_source
-from .record import Record, headline, pid_alive, read_record, verdict
+from .record import FINAL_STATES, Record, headline, pid_alive, read_record, verdict
 from .target import FORMATS
 from .units import format_bytes, parse_seconds, parse_size
 
 PROGRESS_S = 0.5
+POLL_S = 0.2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,66 +44,72 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cowfs {VERSION}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    m = sub.add_parser("mount", help="expose SOURCE as a live file and back it up into TARGET")
-    m.add_argument("source", type=Path, metavar="SOURCE", help="the disk image to back up")
-    m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
-    m.add_argument("-t", "--target", type=Path, required=True, help="the backup to write")
-    m.add_argument("--sync", choices=[s.value for s in SyncMode], default="full")
-    m.add_argument(
-        "--format", choices=FORMATS, help="target format (default: qcow2 for *.qcow2, else raw)"
+    m = sub.add_parser(
+        "mount", help="serve IMAGEs as live files (with --target: back the one IMAGE up at once)"
     )
-    m.add_argument("--compress", action="store_true", help="deflate-compress qcow2 clusters")
+    m.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="IMAGE [IMAGE ...] MOUNTPOINT",
+        help="the disk images, then an empty directory",
+    )
+    m.add_argument("-t", "--target", type=Path, help="start a backup of the one IMAGE into TARGET")
     m.add_argument("--backing", type=Path, help="the previous backup of a chain (qcow2)")
-    m.add_argument("--bitmap", help="dirty bitmap to anchor (full, top) or to copy (incremental)")
-    m.add_argument("--cluster-size", default="64K", help="copy unit, 4K..16M (default 64K)")
-    m.add_argument("--speed", default="0", help="copier limit in bytes/s, e.g. 100M (0: none)")
-    m.add_argument(
-        "--on-source-error",
-        choices=[p.value for p in SourcePolicy],
-        default="report",
-        help="copier read errors: fail the job, retry, or pause it (default report)",
-    )
-    m.add_argument(
-        "--on-target-error",
-        choices=[p.value for p in TargetPolicy],
-        default="report",
-        help="copier write errors; enospc pauses on a full target only (default report)",
-    )
-    m.add_argument(
-        "--on-cbw-error",
-        choices=[p.value for p in CbwPolicy],
-        default="break-snapshot",
-        help="copy-before-write errors: fail the backup or fail the guest write",
-    )
-    m.add_argument(
-        "--cbw-timeout",
-        default="0",
-        metavar="SECONDS",
-        help="break the snapshot if a copy-before-write holds a write up longer (0: never)",
-    )
+    _job_options(m)
     m.add_argument("--allow-other", action="store_true", help="let other users reach the live file")
-    m.add_argument("--force", action="store_true", help="overwrite an existing target")
-    m.add_argument(
-        "-f", "--foreground", action="store_true", help="stay attached until the backup ends"
-    )
+    m.add_argument("-f", "--foreground", action="store_true", help="stay attached until unmounted")
     m.add_argument("--debug", action="store_true", help="log every step")
 
-    s = sub.add_parser("status", help="progress of the job behind MOUNTPOINT")
+    bk = sub.add_parser("backup", help="start a backup of images of a running mount")
+    bk.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    bk.add_argument(
+        "-t",
+        "--target",
+        action="append",
+        required=True,
+        metavar="[IMAGE=]TARGET",
+        help="the backup of IMAGE (just TARGET on a mount of one image); once per image",
+    )
+    bk.add_argument(
+        "--backing",
+        action="append",
+        default=[],
+        metavar="[IMAGE=]PREVIOUS",
+        help="the previous backup of IMAGE's chain (qcow2)",
+    )
+    _job_options(bk)
+    bk.add_argument(
+        "--completion",
+        choices=["grouped", "individual"],
+        default="grouped",
+        help="grouped: no target is complete until all are, one failure cancels the others",
+    )
+    bk.add_argument("--wait", action="store_true", help="wait for the end; exit 0 iff complete")
+
+    s = sub.add_parser("status", help="images, bitmaps and jobs of the mount at MOUNTPOINT")
     s.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     s.add_argument("--json", action="store_true")
 
-    f = sub.add_parser("finish", help="unmount, wait for the backup to finish, print the result")
+    f = sub.add_parser("finish", help="unmount, wait for running jobs to finish, print the result")
     f.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
 
-    c = sub.add_parser("cancel", help="stop the backup and remove the mount at once")
-    c.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    u = sub.add_parser("unmount", help="end a mount with no running job and no open file")
+    u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
 
-    for name, text in (("pause", "hold the copier"), ("resume", "resume a paused job")):
-        sub.add_parser(name, help=text).add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    for name, text in (
+        ("cancel", "end a job (a mount --target job: and the mount at once)"),
+        ("pause", "hold a job's copier"),
+        ("resume", "resume a paused job"),
+    ):
+        x = sub.add_parser(name, help=text)
+        x.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+        x.add_argument("job", type=int, nargs="?", metavar="JOB", help="default: the running one")
 
     sp = sub.add_parser("set-speed", help="change the copier's speed limit of a running job")
     sp.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     sp.add_argument("speed", metavar="RATE", help="bytes/s with K/M/G suffixes; 0: unlimited")
+    sp.add_argument("job", type=int, nargs="?", metavar="JOB", help="default: the running one")
 
     b = sub.add_parser("bitmap", help="list and change the dirty bitmaps of a source")
     bsub = b.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -122,6 +131,43 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _job_options(p: argparse.ArgumentParser) -> None:
+    """The options of a job, the same for `mount --target` and `backup`."""
+    p.add_argument("--sync", choices=[s.value for s in SyncMode], default="full")
+    p.add_argument(
+        "--format", choices=FORMATS, help="target format (default: qcow2 for *.qcow2, else raw)"
+    )
+    p.add_argument("--compress", action="store_true", help="deflate-compress qcow2 clusters")
+    p.add_argument("--bitmap", help="dirty bitmap to anchor (full, top) or to copy (incremental)")
+    p.add_argument("--cluster-size", default="64K", help="copy unit, 4K..16M (default 64K)")
+    p.add_argument("--speed", default="0", help="copier limit in bytes/s, e.g. 100M (0: none)")
+    p.add_argument(
+        "--on-source-error",
+        choices=[x.value for x in SourcePolicy],
+        default="report",
+        help="copier read errors: fail the job, retry, or pause it (default report)",
+    )
+    p.add_argument(
+        "--on-target-error",
+        choices=[x.value for x in TargetPolicy],
+        default="report",
+        help="copier write errors; enospc pauses on a full target only (default report)",
+    )
+    p.add_argument(
+        "--on-cbw-error",
+        choices=[x.value for x in CbwPolicy],
+        default="break-snapshot",
+        help="copy-before-write errors: fail the backup or fail the guest write",
+    )
+    p.add_argument(
+        "--cbw-timeout",
+        default="0",
+        metavar="SECONDS",
+        help="break the snapshot if a copy-before-write holds a write up longer (0: never)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing target")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command != "mount":  # `cowfs info T | head -1`: die quietly, as cat would
@@ -134,11 +180,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from .mount import MountRequest, run_mount  # trio and pyfuse3: only this command needs them
+    from .backup import TargetRequest  # trio and pyfuse3: only this command needs them
+    from .mount import MountRequest, run_mount
 
-    fmt = args.format or ("qcow2" if args.target.name.endswith(".qcow2") else "raw")
+    if len(args.paths) < 2:
+        raise CowfsError("mount needs IMAGE [IMAGE ...] MOUNTPOINT")
+    *sources, mountpoint = args.paths
+    first = None
+    if args.target is not None:
+        if len(sources) > 1:
+            raise CowfsError("--target at mount takes one image; use cowfs backup for several")
+        fmt, options = _target_options(args, args.target, args.backing)
+        first = TargetRequest(args.target, options, fmt, args.compress, args.backing, args.force)
+    elif args.backing is not None or args.bitmap is not None:
+        raise CowfsError("--backing and --bitmap at mount go with --target")
+    request = MountRequest(
+        sources=sources,
+        mountpoint=mountpoint,
+        first=first,
+        allow_other=args.allow_other,
+        foreground=args.foreground,
+        progress=args.foreground and sys.stderr.isatty() and first is not None,
+        debug=args.debug,
+    )
+    code = run_mount(request)
+    if args.foreground and first is not None:
+        _print_record(read_record(canonical_target(args.target)))
+    return code
+
+
+def _target_options(
+    args: argparse.Namespace, target: Path, backing: Path | None
+) -> tuple[str, JobOptions]:
+    """The format of `target` and the job options, checked as far as the CLI can."""
+    fmt = args.format or ("qcow2" if target.name.endswith(".qcow2") else "raw")
     sync = SyncMode(args.sync)
-    if fmt == "raw" and (args.compress or args.backing):
+    if fmt == "raw" and (args.compress or backing):
         raise CowfsError("--compress and --backing need a qcow2 target (--format qcow2)")
     if sync is SyncMode.INCREMENTAL and fmt == "raw":
         raise CowfsError(
@@ -159,24 +236,87 @@ def _mount(args: argparse.Namespace) -> int:
         cbw_timeout=parse_seconds(args.cbw_timeout, "cbw timeout"),
         bitmap=args.bitmap,
     )
-    request = MountRequest(
-        source=args.source,
-        mountpoint=args.mountpoint,
-        target=args.target,
-        options=options,
-        fmt=fmt,
-        compress=args.compress,
-        backing=args.backing,
-        force=args.force,
-        allow_other=args.allow_other,
-        foreground=args.foreground,
-        progress=args.foreground and sys.stderr.isatty(),
-        debug=args.debug,
-    )
-    code = run_mount(request)
-    if args.foreground:
-        _print_record(read_record(canonical_target(args.target)))
-    return code
+    return fmt, options
+
+
+def _backup(args: argparse.Namespace) -> int:
+    st = read_status(args.mountpoint)
+    images = [image["name"] for image in st["images"]]
+    targets = _per_image(args.target, images, "--target")
+    backings = _per_image(args.backing, images, "--backing")
+    for name in backings:
+        if name not in targets:
+            raise CowfsError(f"--backing {name}=... names an image without --target")
+    requests = {}
+    for name, target in targets.items():
+        backing = backings.get(name)
+        fmt, options = _target_options(args, target, backing)
+        requests[name] = {
+            "target": str(Path.cwd() / target),
+            "fmt": fmt,
+            "compress": args.compress,
+            "backing": None if backing is None else str(Path.cwd() / backing),
+            "force": args.force,
+            "options": options.to_json(),
+        }
+    st = send_command(args.mountpoint, "backup", targets=requests, completion=args.completion)
+    job_id = st["started"]
+    print(job_id, flush=True)
+    if not args.wait:
+        return EXIT_OK
+    try:
+        st = _wait_for_job(args.mountpoint, job_id)
+    except KeyboardInterrupt:
+        return _interrupted(args.mountpoint, st)
+    jobs = [job for job in st["jobs"] if job["id"] == job_id]
+    for job in jobs:
+        print(f"{job['image']}: {job['state']}  ->  {job['target']}")
+    return EXIT_OK if all(job["state"] == "complete" for job in jobs) else EXIT_INCOMPLETE
+
+
+def _per_image(values: list[str], images: list[str], option: str) -> dict[str, Path]:
+    """`IMAGE=PATH` values, or one bare `PATH` on a mount of one image. A name before `=`
+    that is no image is a mistake, not a file name (a path with `=` has a `/` first)."""
+    out: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and name in images:
+            key, where = name, path
+        elif sep and "/" not in name:
+            raise CowfsError(f"{option} {value}: no image {name!r} here ({', '.join(images)})")
+        elif len(images) == 1:
+            key, where = images[0], value
+        else:
+            raise CowfsError(
+                f"{option} {value}: name the image ({', '.join(images)}) as IMAGE=PATH"
+            )
+        if key in out:
+            raise CowfsError(f"{option} names image {key} twice")
+        out[key] = Path(where)
+    return out
+
+
+def _wait_for_job(mountpoint: Path, job_id: int) -> dict:
+    """Poll until every job of `job_id` has ended (a progress bar on a terminal)."""
+    from tqdm import tqdm
+
+    with tqdm(
+        desc=f"job {job_id}",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    ) as bar:
+        while True:
+            st = read_status(mountpoint)
+            jobs = [job for job in st["jobs"] if job["id"] == job_id]
+            bar.total = sum(job["bytes_total"] for job in jobs)
+            bar.n = sum(job["bytes_done"] for job in jobs)
+            bar.refresh()
+            if all(job["state"] in FINAL_STATES for job in jobs):
+                return st
+            time.sleep(POLL_S)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -184,25 +324,38 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
-    total, done = st["bytes_total"], st["bytes_done"]
-    pct = 100.0 * done / total if total else 100.0
-    eta = f", ETA {st['eta_s']:.0f} s" if st.get("eta_s") is not None else ""
-    why = f" ({st['paused_reason']})" if st.get("paused_reason") else ""
-    print(f"state: {st['state']}{why}")
-    if not st["mounted"]:
-        print("mounted: no (the job copies what is left from the quiet source)")
-    print(f"source: {st['source']}  ->  target: {st['target']} ({st['format']})")
-    print(f"sync: {st['sync']}, cluster size {format_bytes(st['cluster_size'])}")
-    print(f"point in time: {st['point_in_time']}")
-    print(f"progress: {pct:.1f}% ({format_bytes(done)} of {format_bytes(total)})")
-    print(
-        f"copied: {format_bytes(st['bytes_copier'])} by the copier, "
-        f"{format_bytes(st['bytes_cbw'])} by copy-before-write"
-    )
-    print(f"rate: {format_bytes(st['rate'])}/s{eta}, speed limit {_speed_text(st['speed'])}")
-    if st.get("last_error"):
-        print(f"last error: {st['last_error']}")
+    mounted = "mounted" if st["mounted"] else "unmounted, jobs copy what is left"
+    print(f"mount: {st['mountpoint']} ({mounted}), pid {st['pid']}")
+    for image in st["images"]:
+        print(f"image: {image['name']}  <-  {image['source']}, {format_bytes(image['size'])}")
+        for b in image["bitmaps"]:
+            state = "consistent" if b["consistent"] else f"inconsistent: {b['reason']}"
+            print(f"  bitmap {b['name']}: {state}, dirty {format_bytes(b['dirty_bytes'])}")
+    for job in st["jobs"]:
+        _print_job(job)
     return EXIT_OK
+
+
+def _print_job(job: dict) -> None:
+    total, done = job["bytes_total"], job["bytes_done"]
+    pct = 100.0 * done / total if total else 100.0
+    why = f" ({job['paused_reason']})" if job.get("paused_reason") else ""
+    print(f"job {job['id']}: {job['image']}")
+    print(f"state: {job['state']}{why}")
+    print(f"source: {job['source']}  ->  target: {job['target']} ({job['format']})")
+    print(f"sync: {job['sync']}, cluster size {format_bytes(job['cluster_size'])}")
+    print(f"point in time: {job['point_in_time']}")
+    print(f"progress: {pct:.1f}% ({format_bytes(done)} of {format_bytes(total)})")
+    if job["state"] in FINAL_STATES:
+        return
+    eta = f", ETA {job['eta_s']:.0f} s" if job.get("eta_s") is not None else ""
+    print(
+        f"copied: {format_bytes(job['bytes_copier'])} by the copier, "
+        f"{format_bytes(job['bytes_cbw'])} by copy-before-write"
+    )
+    print(f"rate: {format_bytes(job['rate'])}/s{eta}, speed limit {_speed_text(job['speed'])}")
+    if job.get("last_error"):
+        print(f"last error: {job['last_error']}")
 
 
 def _finish(args: argparse.Namespace) -> int:
@@ -215,12 +368,29 @@ def _finish(args: argparse.Namespace) -> int:
         return _interrupted(args.mountpoint, st)
 
 
-def _cancel(args: argparse.Namespace) -> int:
-    st = send_command(args.mountpoint, "cancel")
+def _unmount_command(args: argparse.Namespace) -> int:
+    st = send_command(args.mountpoint, "unmount")
     try:
-        _wait_and_report(st)
+        _wait_for_exit(Path(st["mountpoint"]), st)
     except KeyboardInterrupt:
         return _interrupted(args.mountpoint, st)
+    print(f"unmounted {st['mountpoint']}")
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    st = send_command(args.mountpoint, "cancel", job=args.job)
+    job_id = args.job if args.job is not None else max(job["id"] for job in st["jobs"])
+    targets = [job["target"] for job in st["jobs"] if job["id"] == job_id]
+    try:
+        with contextlib.suppress(CowfsError):  # the daemon went away: its mount's job
+            _wait_for_job(args.mountpoint, job_id)
+        if not is_mounted(Path(st["mountpoint"])):
+            _wait_for_exit(Path(st["mountpoint"]), st)
+    except KeyboardInterrupt:
+        return _interrupted(args.mountpoint, st)
+    for target in targets:
+        _print_record(read_record(Path(target)))
     return EXIT_OK
 
 
@@ -235,15 +405,16 @@ def _interrupted(mountpoint: Path, status: dict) -> int:
 
 
 def _pause(args: argparse.Namespace) -> int:
-    return _control(args.mountpoint, "pause")
+    return _control(args.mountpoint, "pause", job=args.job)
 
 
 def _resume(args: argparse.Namespace) -> int:
-    return _control(args.mountpoint, "resume")
+    return _control(args.mountpoint, "resume", job=args.job)
 
 
 def _set_speed(args: argparse.Namespace) -> int:
-    return _control(args.mountpoint, "set-speed", speed=parse_size(args.speed, "speed"))
+    speed = parse_size(args.speed, "speed")
+    return _control(args.mountpoint, "set-speed", speed=speed, job=args.job)
 
 
 def _control(mountpoint: Path, command: str, **args: Any) -> int:
@@ -353,8 +524,11 @@ def _unmount(mountpoint: Path) -> None:
 
 def _wait_and_report(status: dict) -> int:
     """Wait for the daemon to exit (with a progress bar on a terminal), then print what
-    its record says."""
+    the newest job's record says (a mount that ran no job: just that it is gone)."""
     _wait_for_exit(Path(status["mountpoint"]), status)
+    if "target" not in status:
+        print(f"unmounted {status['mountpoint']}")
+        return EXIT_OK
     record = read_record(Path(status["target"]))
     _print_record(record)
     return EXIT_OK if verdict(record) == "complete" else EXIT_INCOMPLETE
@@ -379,8 +553,8 @@ def _wait_for_exit(mountpoint: Path, status: dict) -> None:
                     status = read_status(mountpoint)
                 except CowfsError:
                     continue  # the daemon is going away
-                bar.total, bar.n = status["bytes_total"], status["bytes_done"]
-                bar.set_postfix_str(status["state"], refresh=False)
+                bar.total, bar.n = status.get("bytes_total", 0), status.get("bytes_done", 0)
+                bar.set_postfix_str(status.get("state", ""), refresh=False)
                 bar.refresh()
     finally:
         os.close(pidfd)
@@ -408,6 +582,9 @@ def _print_record(record: Record) -> None:
     )
     if record.bitmap:
         print(f"bitmap: {record.bitmap}")
+    if record.group is not None:
+        peers = ", ".join(record.peers) or "none"
+        print(f"job: {record.group}, with the peers {peers}")
     if record.backing:
         print(f"backing file: {record.backing}")
     if record.duration_s is not None:
@@ -418,6 +595,8 @@ def _print_record(record: Record) -> None:
 
 _COMMANDS = {
     "mount": _mount,
+    "backup": _backup,
+    "unmount": _unmount_command,
     "status": _status,
     "finish": _finish,
     "cancel": _cancel,

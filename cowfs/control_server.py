@@ -1,14 +1,13 @@
 """The daemon's half of job control: answers requests on the mount's control socket.
 
 One request per connection (see control.py); each is answered in a task of its
-own and never blocks the loop. A command that cannot act on the job in its
-state is refused with the reason, which the client turns into exit 2.
+own and never blocks the loop. A command that cannot act (on a job in its state,
+or on bad input) is refused with the reason, which the client turns into exit 2.
 """
 
 import contextlib
 import json
 import logging
-import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +15,13 @@ from typing import Any
 
 import trio
 
+from .backup import TargetRequest
 from .control import CLIENT_TIMEOUT_S
 from .errors import CowfsError
-from .job import Job
+from .group import Completion, Group
+from .job import JobState
+from .options import JobOptions
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -40,53 +43,49 @@ def listen(path: Path) -> socket.socket:
     return sock
 
 
-class CommandRefused(Exception):
-    """A command that cannot act on the job in its state; the client exits 2 with it."""
-
-
 class ControlServer:
-    """Answers status requests and commands for one job."""
+    """Answers status requests and commands for the jobs of one mount."""
 
-    def __init__(self, job: Job, mountpoint: str, stop_serving: Callable[[], None]) -> None:
-        self.job = job
-        self.mountpoint = mountpoint
+    def __init__(self, registry: Registry, stop_serving: Callable[[], None]) -> None:
+        self.registry = registry
         self.stop_serving = stop_serving
-        self.mounted = True
 
-    def status(self) -> dict[str, Any]:
-        status = self.job.status()
-        status["pid"] = os.getpid()
-        status["mountpoint"] = self.mountpoint
-        status["mounted"] = self.mounted
-        return status
-
-    def command(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Run one request; returns the status it led to. Raises CommandRefused."""
-        job = self.job
-        state = str(job.state)
+    async def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run one request; returns the mount's status after it. Raises CowfsError with
+        the reason when the command cannot act."""
+        registry = self.registry
         match request.get("command"):
             case "status":
                 pass
+            case "backup":
+                group = await registry.backup(_requests(request), _completion(request))
+                return registry.status() | {"started": group.id}
             case "cancel":
-                job.cancel("cancelled by the user")
-                self.stop_serving()
+                group = registry.find(request.get("job"))
+                if not group.running:
+                    raise CowfsError(f"job {group.id} has ended: there is nothing to cancel")
+                for job in group.jobs:
+                    job.cancel("cancelled by the user")
+                if group.id in registry.unmount_on_cancel:
+                    self.stop_serving()
             case "pause":
-                if state == "paused":
-                    raise CommandRefused("the job is already paused")
-                if state != "running":
-                    raise CommandRefused(f"the job is {state}: there is nothing to pause")
-                job.pause("user")
+                _each(registry.find(request.get("job")), JobState.RUNNING, "pause", "running")
             case "resume":
-                if state != "paused":
-                    raise CommandRefused(f"the job is {state}, not paused: nothing to resume")
-                job.resume()
+                _each(registry.find(request.get("job")), JobState.PAUSED, "resume", "paused")
             case "set-speed" if isinstance(request.get("speed"), int) and request["speed"] >= 0:
-                if job.ended.is_set():
-                    raise CommandRefused(f"the job has ended ({state}): there is no copier")
-                job.set_speed(request["speed"])
+                group = registry.find(request.get("job"))
+                if not group.running:
+                    raise CowfsError(f"job {group.id} has ended: there is no copier")
+                for job in group.jobs:
+                    job.set_speed(request["speed"])
+            case "unmount":
+                refusal = registry.unmount_refusal()
+                if refusal is not None:
+                    raise CowfsError(refusal)
+                self.stop_serving()
             case other:
-                raise CommandRefused(f"unknown control request {other!r}")
-        return self.status()
+                raise CowfsError(f"unknown control request {other!r}")
+        return registry.status()
 
     async def serve(self, sock: socket.socket) -> None:
         """Accept requests until cancelled."""
@@ -95,13 +94,15 @@ class ControlServer:
 
     async def _answer(self, stream: trio.SocketStream) -> None:
         """One request, one reply. A client that misbehaves or leaves costs it its answer,
-        never the daemon (a bug here is logged, the job goes on)."""
+        never the daemon (a bug here is logged, the jobs go on)."""
         async with stream:
             try:
                 request = await _read_request(stream)
-                reply = {"ok": True, "status": self.command(request)}
-            except (ValueError, CommandRefused) as e:
-                reply = {"ok": False, "error": str(e)}
+                reply = {"ok": True, "status": await self.command(request)}
+            except (ValueError, TypeError, KeyError) as e:
+                reply = {"ok": False, "error": f"bad request: {e}"}
+            except CowfsError as e:
+                reply = {"ok": False, "error": e.message}
             except (OSError, trio.BrokenResourceError):
                 return
             except Exception as e:
@@ -109,6 +110,40 @@ class ControlServer:
                 reply = {"ok": False, "error": f"internal error: {e!r}"}
             with contextlib.suppress(OSError, trio.BrokenResourceError):
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+def _each(group: Group, state: JobState, action: str, wanted: str) -> None:
+    """Pause or resume every job of `group` that is `state`; none is a refusal."""
+    jobs = [job for job in group.jobs if job.state is state]
+    if not jobs:
+        states = ", ".join(sorted({str(job.state) for job in group.jobs}))
+        raise CowfsError(f"job {group.id} is {states}, not {wanted}: nothing to {action}")
+    for job in jobs:
+        if state is JobState.RUNNING:
+            job.pause("user")
+        else:
+            job.resume()
+
+
+def _requests(request: dict[str, Any]) -> dict[str, TargetRequest]:
+    """The targets of a backup request, as the CLI sends them (absolute paths)."""
+    out = {}
+    for name, t in request["targets"].items():
+        out[name] = TargetRequest(
+            target=Path(t["target"]),
+            options=JobOptions.from_json(t["options"]),
+            fmt=t["fmt"],
+            compress=bool(t["compress"]),
+            backing=None if t["backing"] is None else Path(t["backing"]),
+            force=bool(t["force"]),
+        )
+    if not out:
+        raise CowfsError("a backup needs at least one --target")
+    return out
+
+
+def _completion(request: dict[str, Any]) -> Completion:
+    return Completion(request.get("completion", Completion.GROUPED))
 
 
 async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
@@ -121,5 +156,5 @@ async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
             data += chunk
     request = json.loads(data)
     if not isinstance(request, dict):
-        raise CommandRefused("a request is a JSON object")
+        raise ValueError("a request is a JSON object")
     return request

@@ -1,11 +1,11 @@
-"""The FUSE operations: a thin pyfuse3 adapter presenting the source as one live file.
+"""The FUSE operations: a thin pyfuse3 adapter presenting each image as a live file.
 
-The mount's root lists exactly one file, named like the source, and nothing else
+The mount's root lists the images, named like their sources, and nothing else
 (job control is a socket outside the mount: no image name can shadow it). Every
-mutating operation asks the job for copy-before-write first, then touches the source.
-Must never raise anything but FUSEError out of a handler: pyfuse3 would tear
-the mount down. One error boundary (`_boundary`) turns OSError into its errno
-and anything else into a failed backup plus EIO.
+mutating operation goes through the image's Disk (barrier, copy-before-write,
+bitmaps). Must never raise anything but FUSEError out of a handler: pyfuse3 would
+tear the mount down. One error boundary (`_boundary`) turns OSError into its
+errno and anything else into failed backups plus EIO.
 """
 
 import errno
@@ -20,17 +20,16 @@ from typing import Any
 import pyfuse3
 import trio
 
-from .bitmap import BitmapStore
 from .busypoll import BusyPoller
-from .job import Job
+from .disk import Disk
+from .registry import Registry
 from .transfer import read_cached
 
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
-LIVE = ROOT + 1
 ATTR_TIMEOUT = 1.0
-"""Only this mount changes the source (it is locked), so the kernel may cache attributes."""
+"""Only this mount changes the sources (they are locked), so the kernel may cache attributes."""
 
 
 def _boundary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -42,31 +41,34 @@ def _boundary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
             raise
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception as e:
+        except Exception as e:  # a bug: no running backup can be trusted after it
             log.exception("internal error in %s", handler.__name__)
-            self.job.fail(f"internal error in {handler.__name__}: {e!r}")
+            for disk in self.disks.values():
+                for job in list(disk.jobs):
+                    job.fail(f"internal error in {handler.__name__}: {e!r}")
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
 
 
 class LiveFS(pyfuse3.Operations):
-    """A directory with one file, the live image; writes copy old clusters first."""
+    """A directory of live images; writes copy old clusters first."""
 
-    def __init__(
-        self,
-        job: Job,
-        name: str,
-        poller: BusyPoller,
-        dirty: BitmapStore,
-    ) -> None:
+    def __init__(self, registry: Registry, poller: BusyPoller) -> None:
         super().__init__()
+        self.registry = registry
         self.poller = poller
-        self.dirty = dirty  # every change to the source is recorded in every dirty bitmap
-        self.job = job
-        self.fd = job.source_fd
-        self.name = name.encode()
+        self.disks = {ROOT + 1 + i: disk for i, disk in enumerate(registry.disks.values())}
+        self.names = {os.fsencode(disk.name): inode for inode, disk in self.disks.items()}
+        self.handles: dict[int, Disk] = {}
+        self.next_fh = 1
         self.created_ns = time.time_ns()
+
+    def _disk(self, inode: int) -> Disk:
+        try:
+            return self.disks[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     # -- attributes -----------------------------------------------------------
 
@@ -81,7 +83,7 @@ class LiveFS(pyfuse3.Operations):
             attrs.st_nlink = 2
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.created_ns
             return attrs
-        st = os.fstat(self.fd)
+        st = os.fstat(self._disk(inode).fd)
         attrs.st_mode = st.st_mode
         attrs.st_nlink = 1
         attrs.st_uid = st.st_uid
@@ -95,8 +97,8 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def lookup(self, parent_inode, name, ctx):
-        if parent_inode == ROOT and name == self.name:
-            return self._attrs(LIVE)
+        if parent_inode == ROOT and name in self.names:
+            return self._attrs(self.names[name])
         if parent_inode == ROOT and name == b"..":
             return self._attrs(ROOT)
         raise pyfuse3.FUSEError(errno.ENOENT)
@@ -107,22 +109,23 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if inode != LIVE:
+        if inode == ROOT:
             raise pyfuse3.FUSEError(errno.EPERM)
+        disk = self._disk(inode)
         if fields.update_size:
-            await self._truncate(attr.st_size)
+            await disk.truncate(attr.st_size)
         if fields.update_mode:
-            os.fchmod(self.fd, stat.S_IMODE(attr.st_mode))
+            os.fchmod(disk.fd, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             os.fchown(
-                self.fd,
+                disk.fd,
                 attr.st_uid if fields.update_uid else -1,
                 attr.st_gid if fields.update_gid else -1,
             )
         if fields.update_atime or fields.update_mtime:
-            st = os.fstat(self.fd)
+            st = os.fstat(disk.fd)
             os.utime(
-                self.fd,
+                disk.fd,
                 ns=(
                     attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                     attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
@@ -132,52 +135,50 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def statfs(self, ctx):
-        vfs = os.fstatvfs(self.fd)
+        first = next(iter(self.disks.values()))
+        vfs = os.fstatvfs(first.fd)
         data = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail"):
             setattr(data, name, getattr(vfs, name))
-        data.f_files, data.f_ffree, data.f_favail = 2, 0, 0
+        data.f_files, data.f_ffree, data.f_favail = len(self.disks) + 1, 0, 0
         data.f_namemax = vfs.f_namemax
         return data
 
-    # -- the live file ----------------------------------------------------------
-
-    async def _truncate(self, size: int) -> None:
-        """Resize the source; shrinking destroys data, which is copied first."""
-        if size < self.job.size:
-            await self.job.copy_before_write(size, self.job.size - size)
-        old = os.fstat(self.fd).st_size
-        self.dirty.mark(min(old, size), abs(old - size))
-        os.ftruncate(self.fd, size)
+    # -- the live files ---------------------------------------------------------
 
     @_boundary
     async def open(self, inode, flags, ctx):
-        if inode != LIVE:
+        if inode == ROOT:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        disk = self._disk(inode)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             # libfuse asks for atomic O_TRUNC: no setattr follows, so truncate here
-            await self._truncate(0)
-        return pyfuse3.FileInfo(fh=LIVE)
+            await disk.truncate(0)
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = disk
+        self.registry.open_files += 1
+        return pyfuse3.FileInfo(fh=fh)
 
     @_boundary
     async def read(self, fh, off, size):
         self.poller.request_seen()
+        fd = self.handles[fh].fd
         view = memoryview(bytearray(size))
-        got = read_cached(self.fd, view, off)  # from the page cache, or else in a thread
+        got = read_cached(fd, view, off)  # from the page cache, or else in a thread
         if got is None or got < size:
-            got = await trio.to_thread.run_sync(os.preadv, self.fd, [view], off)
+            got = await trio.to_thread.run_sync(os.preadv, fd, [view], off)
         return view[:got]
 
     @_boundary
     async def write(self, fh, off, buf):
         self.poller.request_seen()
-        await self.job.copy_before_write(off, len(buf))
-        self.dirty.mark(off, len(buf))
-        return os.pwrite(self.fd, buf, off)
+        return await self.handles[fh].write(off, buf)
 
     @_boundary
     async def fsync(self, fh, datasync):
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, self.fd)
+        fd = self.handles[fh].fd
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @_boundary
     async def flush(self, fh):
@@ -185,7 +186,8 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh):
-        pass  # the source stays open for the whole mount
+        del self.handles[fh]
+        self.registry.open_files -= 1
 
     # -- the root directory -------------------------------------------------------
 
@@ -197,8 +199,11 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def readdir(self, fh, start_id, token):
-        if start_id == 0:
-            pyfuse3.readdir_reply(token, self.name, self._attrs(LIVE), 1)
+        for inode, disk in self.disks.items():
+            if inode > start_id and not pyfuse3.readdir_reply(
+                token, os.fsencode(disk.name), self._attrs(inode), inode
+            ):
+                return
 
     @_boundary
     async def releasedir(self, fh):

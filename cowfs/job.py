@@ -65,6 +65,8 @@ class Job:
         self.id = uuid.uuid4().hex
         """Names this job in its record and in the bitmap it anchors: the link a chain's
         next incremental must name as its backing."""
+        self.group: int | None = None
+        self.peers: list[str] = []
         self.source_fd = source_fd
         self.incremental = incremental
         self.source = source
@@ -98,14 +100,15 @@ class Job:
 
     # -- the point in time -------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, at: datetime | None = None) -> None:
         """Fix the point in time. Must run before the first request is served.
 
         Which clusters the target needs follows from the sync mode; of those, the
         ones in holes of the source are done from the start (their old content is
         zero: the target is told so, which a fresh raw file already is). The copier
         copies the selected ones; copy-before-write saves the rest of the needed
-        ones before they change (in `none` mode: all of them). Over a backing file
+        ones before they change (in `none` mode: all of them). `at`: the instant the
+        barrier fixed for the whole group (now, by default). Over a backing file
         `top` needs the holes too, as zero clusters: a hole must not read through
         to whatever the backing held there.
         """
@@ -128,7 +131,7 @@ class Job:
         for first, count in _runs(needed & ~data):
             self.target.write_zeroes(*self._extent(first, count))
         self.done = ~(needed & data)
-        self.point_in_time = datetime.now(UTC)
+        self.point_in_time = at or datetime.now(UTC)
         self.started_mono = time.monotonic()
         self.state = JobState.RUNNING
         log.info(
@@ -324,25 +327,41 @@ class Job:
 
     # -- ending --------------------------------------------------------------
 
-    async def complete(self) -> None:
-        """The source is quiet now (unmounted): copy what is left, make the target
-        durable, and only then say complete."""
+    def unmounted(self) -> None:
+        """The mount is gone and the source quiet: nobody can resume a paused job now, so
+        it goes on, and a stop policy fails it instead of pausing."""
         if self.state in (JobState.RUNNING, JobState.PAUSED):
-            self.state = JobState.COMPLETING  # nobody can resume after unmount: go on
+            self.state = JobState.COMPLETING
             self._resumed.set()
+
+    async def flush(self) -> bool:
+        """Once the copier is through: check that every selected cluster is in the target
+        and make the target durable. False if the job failed or had ended."""
         await self.copier_done.wait()
-        if self.state is not JobState.COMPLETING:
-            return
+        if self.ended.is_set():
+            return False
         missing = self.selected.count() - (self.selected & self.done).count()
         if missing:
             self.fail(f"{missing} clusters were never copied")
-            return
+            return False
         try:
             await trio.to_thread.run_sync(self.target.fsync)
         except OSError as e:
             self.fail(f"fsync of the target: {e}")
-            return
-        self._end(JobState.COMPLETE)
+            return False
+        return True
+
+    async def complete(self) -> None:
+        """End a job of its own (no peers) on a quiet source: copy what is left, make the
+        target durable, and only then say complete."""
+        self.unmounted()
+        if await self.flush():
+            self.mark_complete()
+
+    def mark_complete(self) -> None:
+        """Only after `flush` (and, grouped, the peers' flushes) returned True."""
+        if not self.ended.is_set():
+            self._end(JobState.COMPLETE)
 
     def fail(self, reason: str) -> None:
         """End the job as failed; later writes go straight to the source."""

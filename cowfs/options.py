@@ -5,7 +5,7 @@ start without importing trio.
 """
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .policy import CbwPolicy, SourcePolicy, TargetPolicy
 
@@ -30,3 +30,20 @@ class JobOptions:
     broken instead (0: no limit)."""
     bitmap: str | None = None
     """The dirty bitmap this job anchors (full, top) or copies (incremental)."""
+
+    def to_json(self) -> dict:
+        """For a backup request on the control socket."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "JobOptions":
+        return cls(
+            sync=SyncMode(doc["sync"]),
+            cluster_size=int(doc["cluster_size"]),
+            speed=int(doc["speed"]),
+            on_source_error=SourcePolicy(doc["on_source_error"]),
+            on_target_error=TargetPolicy(doc["on_target_error"]),
+            on_cbw_error=CbwPolicy(doc["on_cbw_error"]),
+            cbw_timeout=float(doc["cbw_timeout"]),
+            bitmap=doc["bitmap"],
+        )

@@ -51,6 +51,10 @@ class Record:
     backing: str | None = None
     job: str | None = None
     """The job's id; a bitmap names the job that anchored it (chains are checked by it)."""
+    group: int | None = None
+    """The id of the job command this job was part of (`cowfs backup` prints it)."""
+    peers: list[str] = field(default_factory=list)
+    """The targets of the other jobs of the group."""
     version: int = 1
 
 

@@ -213,8 +213,19 @@ def target_directory_missing(a: Path) -> list:
     return [a / "disk.img", a / "mnt", "--target", a / "nodir" / "target.img"]
 
 
-def missing_target_option(a: Path) -> list:
-    return [a / "disk.img", a / "mnt"]
+def target_with_two_images(a: Path) -> list:
+    shutil.copyfile(a / "disk.img", a / "other.img")
+    return [a / "disk.img", a / "other.img", a / "mnt", "--target", a / "target.img"]
+
+
+def two_images_of_one_name(a: Path) -> list:
+    (a / "sub").mkdir()
+    shutil.copyfile(a / "disk.img", a / "sub" / "disk.img")
+    return [a / "disk.img", a / "sub" / "disk.img", a / "mnt"]
+
+
+def no_mountpoint(a: Path) -> list:
+    return [a / "disk.img"]
 
 
 def unknown_sync_mode(a: Path) -> list:
@@ -247,7 +258,9 @@ CASES: dict[str, Case] = {
     "mountpoint is the source": mountpoint_is_the_source,
     "target inside the mountpoint": target_inside_mountpoint,
     "target directory missing": target_directory_missing,
-    "missing --target": missing_target_option,
+    "--target with two images": target_with_two_images,
+    "two images of one name": two_images_of_one_name,
+    "no mountpoint": no_mountpoint,
     "unknown sync mode": unknown_sync_mode,
     "unknown option": unknown_option,
 }
@@ -315,7 +328,7 @@ def test_mountpoint_is_a_tmpfs(area: Path, tmpfs_on_mnt: Path) -> None:
 def test_mountpoint_has_a_cowfs_mount(area: Path, cowfs: CowfsRunner) -> None:
     other = make_image(area / "other.img", 4 << 20, seed=5, holes=False)
     shutil.copyfile(other, area / "other-before.img")
-    m = cowfs.mount(other, area / "other-target.img", "--speed", "16M")
+    m = cowfs.mount(other, area / "other-target.img", "--speed", "1M")
     assert m.mountpoint == area / "mnt"
     result = refuse(area, *_std(area))
     assert "mount" in result.stderr
@@ -323,6 +336,7 @@ def test_mountpoint_has_a_cowfs_mount(area: Path, cowfs: CowfsRunner) -> None:
     assert m.is_mounted()
     assert m.status()["state"] == "running"
     assert os.listdir(m.mountpoint) == ["other.img"]
+    run_cowfs("set-speed", m.mountpoint, "0", check=True)
     done = m.finish()
     assert done.returncode == 0, done.stdout + done.stderr
     assert files_equal(m.target, area / "other-before.img")

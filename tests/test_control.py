@@ -149,7 +149,8 @@ def test_truncating_open_replaces_the_content(
     assert files_equal(job.live, new)
     assert source.stat().st_size == new.stat().st_size
     assert files_equal(source, new)
-    ok("set-speed", job.mountpoint, "0")
+    if speed != "0":  # an unlimited job may have ended complete already
+        ok("set-speed", job.mountpoint, "0")
     finish_complete(job, before)
 
 

@@ -113,7 +113,7 @@ def test_live_file_reads_with_source_on_fuse(
     m = cowfs.mount(source, None, "--speed", FAST)
     assert m.live.read_bytes() == before.read_bytes()
     write_live(m, b"w" * 1000, SIZE - 1000)  # copy-before-write of the last cluster
-    assert state(m) == "running"
+    assert state(m) in ("running", "complete")  # a job may end while mounted
     result = m.finish()
     assert result.returncode == 0, result.stdout + result.stderr
     assert files_equal(m.target, before)

@@ -196,8 +196,8 @@ def test_second_mount_of_same_source_fails(
     assert [mp for mp in cowfs_mounts() if mp.startswith(str(tmp_path))] == [str(m.mountpoint)]
     assert not os.listdir(mnt2)
     assert not target2.exists() and not Path(f"{target2}.cowfs.json").exists()
-    # The first job did not notice.
-    assert m.status()["state"] == "running"
+    # The first job did not notice (it may have ended complete while mounted).
+    assert m.status()["state"] in ("running", "complete")
     write_live(m, b"z" * 5000, 4096)
     done = m.finish()
     assert done.returncode == 0, done.stdout + done.stderr
@@ -261,7 +261,7 @@ def test_status_while_running(cowfs: CowfsRunner, source: Path, before: Path) ->
 
     text = run_cowfs("status", m.mountpoint)
     assert text.returncode == 0, text.stderr
-    assert text.stdout.splitlines()[0] == "state: running"
+    assert "state: running" in text.stdout.splitlines()
     for word in ("point in time:", "progress:", "copy-before-write", "rate:"):
         assert word in text.stdout, text.stdout
 

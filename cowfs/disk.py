@@ -1,0 +1,48 @@
+"""One image served by a mount: its locked fd, its dirty bitmaps and the write path.
+
+Every change to the image goes through here, in one order: the barrier's gate,
+copy-before-write for each job that still protects the image's point in time,
+the dirty bitmaps, and only then the image itself. Knows nothing of FUSE.
+"""
+
+import os
+from pathlib import Path
+
+from .barrier import Barrier
+from .bitmap import BitmapStore
+from .job import Job
+
+
+class Disk:
+    def __init__(self, path: Path, fd: int, dirty: BitmapStore, barrier: Barrier) -> None:
+        self.path = path
+        self.name = path.name
+        self.fd = fd
+        self.dirty = dirty
+        self.barrier = barrier
+        self.jobs: list[Job] = []
+        """Jobs whose point in time writes must still respect (running or paused)."""
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    async def write(self, offset: int, data: bytes) -> int:
+        async with self.barrier.mutating():
+            for job in list(self.jobs):
+                await job.copy_before_write(offset, len(data))
+            self.dirty.mark(offset, len(data))
+            return os.pwrite(self.fd, data, offset)
+
+    async def truncate(self, size: int) -> None:
+        """Resize the image; shrinking destroys data, which each job copies first."""
+        async with self.barrier.mutating():
+            for job in list(self.jobs):
+                if size < job.size:
+                    await job.copy_before_write(size, job.size - size)
+            old = self.size
+            self.dirty.mark(min(old, size), abs(old - size))
+            os.ftruncate(self.fd, size)
+
+    def running_job(self) -> Job | None:
+        return next((job for job in self.jobs if not job.ended.is_set()), None)

@@ -1,0 +1,230 @@
+"""The mount's registry: its disks and its jobs, and the operations control asks for.
+
+Starts job commands (validate and create targets in a worker thread, fix the
+point in time under the barrier, commit), finds jobs by id, ends them, tells
+whether the mount may go, and describes it all for `cowfs status`. What happens
+when a job ends — the image unprotected, the bitmap anchored or given its bits
+back, the record, the claim — happens here, once per job, while the mount serves.
+"""
+
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import backup
+from .backup import Prepared, TargetRequest
+from .barrier import Barrier
+from .claims import Claim
+from .disk import Disk
+from .errors import CowfsError
+from .group import Completion, Group
+from .job import Job, JobState
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    def __init__(self, mountpoint: Path, disks: list[Disk], barrier: Barrier) -> None:
+        self.mountpoint = mountpoint
+        self.disks = {disk.name: disk for disk in disks}
+        self.barrier = barrier
+        self.groups: dict[int, Group] = {}
+        self.mounted = True
+        self.unmounted = trio.Event()
+        self.done = trio.Event()
+        """Set once the mount is gone and every group has ended."""
+        self.open_files = 0
+        """Open handles of live files (maintained by fs.py): `unmount` refuses while any."""
+        self.unmount_on_cancel: set[int] = set()
+        """Groups whose cancel also removes the mount (the job of `mount --target`)."""
+        self._claims: dict[Job, Claim] = {}
+        self._disk_of: dict[Job, Disk] = {}
+        self._starting: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the groups until the mount is gone and every group has ended."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self.unmounted.wait()
+        finally:
+            self.done.set()
+
+    def mount_gone(self) -> None:
+        """No request is served any more: running jobs copy what is left from quiet sources."""
+        self.mounted = False
+        for group in self.groups.values():
+            for job in group.jobs:
+                job.unmounted()
+        self.unmounted.set()
+
+    def add_group(self, prepared: list[Prepared], completion: Completion) -> Group:
+        """Run the jobs of committed `prepared` as one group."""
+        assert self._nursery is not None
+        group_id = max(self.groups, default=0) + 1
+        group = Group(group_id, [p.job for p in prepared], completion, self._job_ended)
+        for p in prepared:
+            self._claims[p.job] = p.claim
+            self._disk_of[p.job] = p.disk
+        self.groups[group_id] = group
+        self._nursery.start_soon(group.run, self.unmounted)
+        return group
+
+    # -- job commands ------------------------------------------------------------------
+
+    async def backup(self, requests: dict[str, TargetRequest], completion: Completion) -> Group:
+        """Start a job command; bad input raises CowfsError and changes nothing."""
+        if not self.mounted:
+            raise CowfsError("the mount is going away: no new jobs")
+        disks = [self.disk(name) for name in requests]
+        for disk in disks:
+            busy = disk.running_job()
+            if busy is not None or disk.name in self._starting:
+                job = f" ({busy.group})" if busy is not None else ""
+                raise CowfsError(f"image {disk.name} already has a running job{job}")
+        names = set(requests)
+        self._starting |= names
+        try:
+            prepared = await self._prepare(disks, requests)
+            async with self.barrier.hold():  # the point in time, one for all images
+                now = datetime.now(UTC)
+                for p in prepared:
+                    backup.begin(p, now)
+            try:
+                for p in prepared:
+                    await trio.to_thread.run_sync(backup.commit, p)
+            except BaseException:
+                for p in prepared:
+                    backup.abort(p)
+                raise
+            return self.add_group(prepared, completion)
+        finally:
+            self._starting -= names
+
+    async def _prepare(
+        self, disks: list[Disk], requests: dict[str, TargetRequest]
+    ) -> list[Prepared]:
+        sources = [disk.path for disk in self.disks.values()]
+        prepared: list[Prepared] = []
+        try:
+            for disk in disks:
+                p = await trio.to_thread.run_sync(
+                    backup.prepare, disk, requests[disk.name], self.mountpoint, sources
+                )
+                prepared.append(p)
+            targets = [p.job.target.path for p in prepared]
+            if len(set(targets)) < len(targets):
+                raise CowfsError("two images of the job have the same target")
+        except BaseException:
+            for p in prepared:
+                p.undo.close()
+            raise
+        return prepared
+
+    def disk(self, name: str) -> Disk:
+        try:
+            return self.disks[name]
+        except KeyError:
+            served = ", ".join(sorted(self.disks))
+            raise CowfsError(f"no image {name!r} in this mount (it serves {served})") from None
+
+    def find(self, group_id: int | None) -> Group:
+        """The group `group_id`, or the only running one."""
+        if group_id is not None:
+            try:
+                return self.groups[group_id]
+            except KeyError:
+                raise CowfsError(f"no job {group_id} on this mount") from None
+        running = [g for g in self.groups.values() if g.running]
+        if len(running) == 1:
+            return running[0]
+        if not running:
+            newest = max(self.groups, default=None)
+            if newest is None:
+                raise CowfsError("no job on this mount")
+            return self.groups[newest]
+        ids = ", ".join(str(g.id) for g in running)
+        raise CowfsError(f"several jobs run ({ids}): name one")
+
+    def unmount_refusal(self) -> str | None:
+        """Why the mount may not go now, or None."""
+        running = [str(g.id) for g in self.groups.values() if g.running]
+        if running:
+            return f"jobs still run ({', '.join(running)}): cancel them or use finish"
+        if self.open_files:
+            return f"the live files are open ({self.open_files} handles)"
+        return None
+
+    # -- a job's end -------------------------------------------------------------------
+
+    async def _job_ended(self, job: Job) -> None:
+        disk = self._disk_of.pop(job)
+        if job in disk.jobs:
+            disk.jobs.remove(job)
+        if job.options.bitmap is not None:
+            complete = job.state is JobState.COMPLETE
+            disk.dirty.end_job(job.options.bitmap, backup.anchor(job) if complete else None)
+            try:
+                disk.dirty.save(os.getpid(), os.fstat(disk.fd))
+            except OSError as e:
+                log.error("cannot save the dirty bitmaps of %s: %s", disk.path, e)
+        try:
+            await trio.to_thread.run_sync(backup.write_job_record, job, False)
+        except OSError as e:  # the record left behind (running) says incomplete: no lie
+            log.error("cannot write the record beside %s: %s", job.target.path, e)
+        log.info("backup %s: %s", job.state, job.target.path)
+        if not job.options.cbw_timeout:  # with it, an abandoned copy may still write
+            try:
+                await trio.to_thread.run_sync(job.target.close)
+            except OSError as e:  # a failed job's target, e.g. on a full filesystem
+                log.warning("closing %s: %s", job.target.path, e)
+        self._claims.pop(job).release()
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        jobs = [
+            job.status() | {"id": g.id, "image": self._image_of(job), "completion": g.completion}
+            for g in self.groups.values()
+            for job in g.jobs
+        ]
+        images = []
+        for disk in self.disks.values():
+            running = disk.running_job()
+            images.append(
+                {
+                    "name": disk.name,
+                    "source": str(disk.path),
+                    "size": disk.size,
+                    "job": running.group if running is not None else None,
+                    "bitmaps": [
+                        {
+                            "name": b.name,
+                            "consistent": b.consistent,
+                            "reason": b.reason,
+                            "granularity": b.granularity,
+                            "dirty_bytes": b.dirty_bytes(disk.size),
+                        }
+                        for b in disk.dirty.bitmaps.values()
+                    ],
+                }
+            )
+        mount = {
+            "pid": os.getpid(),
+            "mountpoint": str(self.mountpoint),
+            "mounted": self.mounted,
+            "images": images,
+            "jobs": jobs,
+        }
+        return (jobs[-1] if jobs else {}) | mount  # the newest job's fields: one-job scripts
+
+    def _image_of(self, job: Job) -> str:
+        return Path(job.source).name
