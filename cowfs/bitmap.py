@@ -221,6 +221,22 @@ class BitmapStore:
         bitmap.before_job, bitmap.new = None, False
 
 
+def bitmap_rows(store: BitmapStore, size: int, in_use_by: int | None) -> list[dict]:
+    """What `cowfs bitmap list` and `cowfs status` show of each bitmap."""
+    return [
+        {
+            "name": b.name,
+            "consistent": b.consistent,
+            "reason": b.reason,
+            "granularity": b.granularity,
+            "dirty_clusters": b.bits.count(),
+            "dirty_bytes": b.dirty_bytes(size),
+            "in_use_by": in_use_by,
+        }
+        for b in store.bitmaps.values()
+    ]
+
+
 def _digest(content: dict) -> str:
     """A checksum over everything stored (names, sizes, states and bits), so that any
     damage that still parses is caught too."""

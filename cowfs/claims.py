@@ -58,6 +58,12 @@ def claim_file(kind: str, path: Path, suffix: str) -> Path:
     return run_dir() / f"{kind}-{path_key(path)}{suffix}"
 
 
+def image_entry(source: Path) -> Path:
+    """Where a mount notes which mountpoint serves `source` (its real path): how
+    `cowfs bitmap` finds the daemon that owns a mounted image's bitmaps."""
+    return claim_file("image", source.resolve(), ".mount")
+
+
 class Claim:
     """Exclusive ownership of `path` as a `kind` ("target" or "mount") until released."""
 

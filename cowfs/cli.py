@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import VERSION
-from .bitmap import BitmapStore
+from .bitmap import BitmapStore, bitmap_rows
 from .chain import links
+from .claims import image_entry
 from .control import is_mounted, read_status, send_command
 from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, CowfsError
 from .options import JobOptions, SyncMode
@@ -465,15 +466,18 @@ def _bitmap(args: argparse.Namespace) -> int:
             locked = True
         except BlockingIOError:
             locked = False
-        if args.action == "list":
-            return _bitmap_list(BitmapStore.load(source, holding_lock=locked), args.json)
-        if not locked:
-            busy = f"source {source} is in use by a cowfs job; try again when it has ended"
-            raise CowfsError(busy)
+        granularity = None
+        if args.action == "add":
+            granularity = check_cluster_size(parse_size(args.granularity, "granularity"))
+        if not locked:  # a mount holds the image: it owns the bitmaps, ask it
+            return _bitmap_through_mount(source, args, granularity)
         store = BitmapStore.load(source, holding_lock=True)
         match args.action:
+            case "list":
+                size = os.fstat(fd).st_size
+                return _bitmap_list(bitmap_rows(store, size, None), args.json)
             case "add":
-                granularity = check_cluster_size(parse_size(args.granularity, "granularity"))
+                assert granularity is not None
                 store.add(args.name, granularity, os.fstat(fd).st_size)
             case "remove":
                 store.remove(args.name)
@@ -485,20 +489,28 @@ def _bitmap(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _bitmap_list(store: BitmapStore, as_json: bool) -> int:
-    size = os.stat(store.source).st_size
-    rows: list[dict[str, Any]] = [
-        {
-            "name": b.name,
-            "consistent": b.consistent,
-            "reason": b.reason,
-            "granularity": b.granularity,
-            "dirty_clusters": b.bits.count(),
-            "dirty_bytes": b.dirty_bytes(size),
-            "in_use_by": store.in_use_by,
-        }
-        for b in store.bitmaps.values()
-    ]
+def _bitmap_through_mount(source: Path, args: argparse.Namespace, granularity: int | None) -> int:
+    """A bitmap command for an image a mount serves, run by that mount's daemon."""
+    try:
+        mountpoint = Path(image_entry(source).read_text())
+    except OSError:  # a daemon that is not a mount's (or going away): the file is the truth
+        if args.action == "list":
+            store = BitmapStore.load(source, holding_lock=False)
+            size = os.stat(source).st_size
+            return _bitmap_list(bitmap_rows(store, size, store.in_use_by), args.json)
+        busy = f"source {source} is in use by a cowfs job; try again when it has ended"
+        raise CowfsError(busy) from None
+    request: dict[str, Any] = {"image": source.resolve().name, "action": args.action}
+    if args.action != "list":
+        request |= {"name": args.name, "granularity": granularity}
+    st = send_command(mountpoint, "bitmap", **request)
+    image = next(i for i in st["images"] if i["name"] == request["image"])
+    if args.action == "list":
+        return _bitmap_list(image["bitmaps"], args.json)
+    return EXIT_OK
+
+
+def _bitmap_list(rows: list[dict[str, Any]], as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK

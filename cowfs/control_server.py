@@ -78,6 +78,13 @@ class ControlServer:
                     raise CowfsError(f"job {group.id} has ended: there is no copier")
                 for job in group.jobs:
                     job.set_speed(request["speed"])
+            case "bitmap":
+                registry.bitmap_command(
+                    request["image"],
+                    request["action"],
+                    request.get("name", ""),
+                    request.get("granularity") or 0,
+                )
             case "unmount":
                 refusal = registry.unmount_refusal()
                 if refusal is not None:

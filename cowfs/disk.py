@@ -28,21 +28,28 @@ class Disk:
         return os.fstat(self.fd).st_size
 
     async def write(self, offset: int, data: bytes) -> int:
-        async with self.barrier.mutating():
-            for job in list(self.jobs):
-                await job.copy_before_write(offset, len(data))
+        await self.barrier.enter()
+        try:
+            if self.jobs:
+                for job in list(self.jobs):
+                    await job.copy_before_write(offset, len(data))
             self.dirty.mark(offset, len(data))
             return os.pwrite(self.fd, data, offset)
+        finally:
+            self.barrier.leave()
 
     async def truncate(self, size: int) -> None:
         """Resize the image; shrinking destroys data, which each job copies first."""
-        async with self.barrier.mutating():
+        await self.barrier.enter()
+        try:
             for job in list(self.jobs):
                 if size < job.size:
                     await job.copy_before_write(size, job.size - size)
             old = self.size
             self.dirty.mark(min(old, size), abs(old - size))
             os.ftruncate(self.fd, size)
+        finally:
+            self.barrier.leave()
 
     def running_job(self) -> Job | None:
         return next((job for job in self.jobs if not job.ended.is_set()), None)

@@ -65,6 +65,8 @@ class Job:
         self.id = uuid.uuid4().hex
         """Names this job in its record and in the bitmap it anchors: the link a chain's
         next incremental must name as its backing."""
+        self.barrier_s: float | None = None
+        """How long the barrier that fixed the point in time held guest writes."""
         self.group: int | None = None
         self.peers: list[str] = []
         self.source_fd = source_fd
@@ -424,6 +426,7 @@ class Job:
             "rate": round(rate),
             "eta_s": round(remaining / rate, 1) if rate and self.state not in FINAL else None,
             "errors": list(self.errors),
+            "barrier_s": self.barrier_s,
         }
 
 

@@ -23,7 +23,7 @@ from .backup import Prepared, TargetRequest, open_locked
 from .barrier import Barrier
 from .bitmap import BitmapStore
 from .busypoll import BusyPoller
-from .claims import Claim
+from .claims import Claim, image_entry
 from .control_server import ControlServer, listen
 from .daemon import Readiness, daemonize
 from .disk import Disk
@@ -74,7 +74,7 @@ def run_mount(req: MountRequest) -> int:
             claim = Claim.take("mount", mountpoint, "mountpoint")
             undo.callback(claim.release)
             preflight.check_mountpoint(mountpoint)  # again, now that no cowfs can race for it
-            barrier = Barrier()
+            barrier = Barrier(mountpoint)
             disks = []
             for source in sources:
                 fd = open_locked(source, "source")
@@ -117,6 +117,9 @@ def run_mount(req: MountRequest) -> int:
             for disk in disks:  # a crash from here on leaves them marked in use: inconsistent
                 if disk.dirty.bitmaps:
                     disk.dirty.save(os.getpid(), os.fstat(disk.fd))
+                entry = image_entry(disk.path)  # where `cowfs bitmap` finds this mount
+                entry.write_text(str(mountpoint))
+                undo.callback(entry.unlink, missing_ok=True)
             undo.pop_all()
     except BaseException as e:
         error = e
@@ -138,6 +141,8 @@ def run_mount(req: MountRequest) -> int:
     finally:
         for disk in disks:
             _save_bitmaps(disk.dirty, disk.fd)
+        for disk in disks:
+            image_entry(disk.path).unlink(missing_ok=True)
         sock.close()
         sock_path.unlink(missing_ok=True)
         claim.release()

@@ -18,6 +18,7 @@ import trio
 from . import backup
 from .backup import Prepared, TargetRequest
 from .barrier import Barrier
+from .bitmap import bitmap_rows
 from .claims import Claim
 from .disk import Disk
 from .errors import CowfsError
@@ -98,6 +99,8 @@ class Registry:
                 now = datetime.now(UTC)
                 for p in prepared:
                     backup.begin(p, now)
+            for p in prepared:
+                p.job.barrier_s = self.barrier.held_s
             try:
                 for p in prepared:
                     await trio.to_thread.run_sync(backup.commit, p)
@@ -128,6 +131,28 @@ class Registry:
                 p.undo.close()
             raise
         return prepared
+
+    def bitmap_command(self, image: str, action: str, name: str, granularity: int) -> None:
+        """`cowfs bitmap add|remove|clear` on a served image; saved at once (in use)."""
+        disk = self.disk(image)
+        if action == "list":
+            return
+        users = [job for job in disk.jobs if job.options.bitmap == name]
+        if users and action in ("remove", "clear"):
+            raise CowfsError(f"bitmap {name!r} is in use by job {users[0].group}")
+        match action:
+            case "add":
+                disk.dirty.add(name, granularity, disk.size)
+            case "remove":
+                disk.dirty.remove(name)
+            case "clear":
+                disk.dirty.clear(name)
+            case _:
+                raise CowfsError(f"unknown bitmap action {action!r}")
+        try:
+            disk.dirty.save(os.getpid(), os.fstat(disk.fd))
+        except OSError as e:
+            raise CowfsError(f"cannot save the bitmaps of {disk.path}: {e.strerror}") from None
 
     def disk(self, name: str) -> Disk:
         try:
@@ -205,16 +230,7 @@ class Registry:
                     "source": str(disk.path),
                     "size": disk.size,
                     "job": running.group if running is not None else None,
-                    "bitmaps": [
-                        {
-                            "name": b.name,
-                            "consistent": b.consistent,
-                            "reason": b.reason,
-                            "granularity": b.granularity,
-                            "dirty_bytes": b.dirty_bytes(disk.size),
-                        }
-                        for b in disk.dirty.bitmaps.values()
-                    ],
+                    "bitmaps": bitmap_rows(disk.dirty, disk.size, os.getpid()),
                 }
             )
         mount = {
