@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# The shared helpers (tests/helpers) assert too: explain their failures as a test's.
+pytest.register_assert_rewrite("helpers")
+
 COWFS = [sys.executable, "-m", "cowfs"]
 TIMEOUT = 60.0
 

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 from conftest import CowfsRunner, SmallFS, make_image, run_cowfs, wait_until
-from test_incremental import (
+from helpers.incremental import (
     BITMAP,
     BUDGET,
     CLUSTER,
     INC_SPEED,
-    KiB,
-    MiB,
     assert_dirty,
     assert_restores,
     backup,
@@ -34,10 +32,10 @@ from test_incremental import (
     full_backup,
     incremental_options,
     random_writes,
-    refused_mount,
     writes_between,
 )
-from test_lifecycle import assert_one_error_line, write_live
+from helpers.mounts import assert_one_error_line, refused_mount, write_live
+from helpers.sizes import KiB, MiB
 
 SIZE = 8 * MiB
 

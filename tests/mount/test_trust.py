@@ -26,20 +26,26 @@ from subprocess import PIPE
 
 import pytest
 from conftest import TIMEOUT, CowfsRunner, Mounted, cowfs_mounts, files_equal, make_image, run_cowfs
-from test_incremental import (
+from helpers.incremental import (
     BITMAP,
     CLUSTER,
-    MiB,
     assert_restores,
     backup,
     bitmaps,
     bitmaps_file,
     full_backup,
     incremental_options,
-    refused_mount,
     snapshot,
 )
-from test_lifecycle import assert_gone, assert_one_error_line, info, record, write_live
+from helpers.mounts import (
+    assert_gone,
+    assert_one_error_line,
+    info,
+    record,
+    refused_mount,
+    write_live,
+)
+from helpers.sizes import MiB
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 

@@ -37,17 +37,8 @@ from conftest import (
     run_cowfs,
     wait_until,
 )
-from test_lifecycle import assert_gone, info, record, write_live
-
-SIZE = 4 << 20
-CLUSTER = 64 << 10
-BATCH = 1 << 20
-"""The copier's largest single copy (job.BATCH_BYTES): a copier error names its start."""
-FAST = "16M"
-"""Still copying when the mount returns; the whole image in a quarter of a second."""
-PACED = "1M"
-"""The copier's two workers copy a batch each at once, then one MiB a second: the last
-MiB of the image is surely not copied within the first 1.5 seconds."""
+from helpers.faults import BATCH, CLUSTER, FAST, PACED, SIZE
+from helpers.mounts import assert_gone, info, record, write_live
 
 
 @pytest.fixture

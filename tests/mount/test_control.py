@@ -37,7 +37,7 @@ from conftest import (
     run_cowfs,
     wait_until,
 )
-from test_lifecycle import assert_one_error_line, record, write_live
+from helpers.mounts import assert_one_error_line, record, write_live
 
 SLOW = "512K"
 """A copier that needs half a minute for 16 MiB: the job is surely still copying."""

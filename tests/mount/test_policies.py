@@ -32,8 +32,8 @@ from conftest import (
     run_cowfs,
     wait_until,
 )
-from test_faults import BATCH, CLUSTER, FAST, PACED, SIZE
-from test_lifecycle import assert_gone, info, record, write_live
+from helpers.faults import BATCH, CLUSTER, FAST, PACED, SIZE
+from helpers.mounts import assert_gone, info, record, write_live
 
 LAST = SIZE - 2 * CLUSTER
 """A cluster the copier surely has not reached in the first second at PACED."""

@@ -7,17 +7,16 @@ whatever the cluster size, with two writer threads, zero clusters, compressed
 clusters, a backing file, huge sparse images and rewrites.
 """
 
-import json
 import os
 import random
 import shutil
-import subprocess
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers.qemu import assert_identical, check_clean, qemu_img, qemu_json
 
 from cowfs.errors import CowfsError
 from cowfs.target import Qcow2Target
@@ -29,33 +28,6 @@ RUNS = {4 * KiB: 300, 64 * KiB: 40, 1 * MiB: 8}
 """Runs of clusters written per image: enough to span several L2 tables, still fast."""
 
 Op = tuple[int, bytes | int]  # (offset, data) or (offset, length of zeros)
-
-
-def qemu_img(*args: str | os.PathLike) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["qemu-img", *map(str, args)], capture_output=True, text=True, timeout=120
-    )
-
-
-def qemu_json(*args: str | os.PathLike):
-    result = qemu_img(*args, "--output=json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def check_clean(image: Path) -> dict:
-    """`qemu-img check`: exit 0 and nothing leaked or corrupt; returns its JSON report."""
-    result = qemu_img("check", "-f", "qcow2", "--output=json", image)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout)
-    for problem in ("leaks", "corruptions", "check-errors"):
-        assert report.get(problem, 0) == 0, report
-    return report
-
-
-def assert_identical(image: Path, expected: Path) -> None:
-    result = qemu_img("compare", "-f", "qcow2", "-F", "raw", image, expected)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def assert_info(image: Path, size: int, cluster_size: int) -> dict:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from test_job import KiB, MiB, RecordingTarget, close_job, poll, random_full_source
+from helpers.jobs import RecordingTarget, close_job, poll, random_full_source
+from helpers.sizes import KiB, MiB
 
 from cowfs.copier import copy_in_background
 from cowfs.job import Job, JobOptions, JobState, SyncMode

@@ -27,6 +27,7 @@ from conftest import (
     run_cowfs,
     wait_until,
 )
+from helpers.mounts import assert_gone, assert_one_error_line, info, record, write_live
 
 SIZE = 8 << 20
 SLOW = "1M"
@@ -46,40 +47,6 @@ def before(source: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "before.img"
     shutil.copyfile(source, copy)
     return copy
-
-
-def write_live(m: Mounted, data: bytes, offset: int) -> None:
-    fd = os.open(m.live, os.O_RDWR)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-    finally:
-        os.close(fd)
-
-
-def info(target: Path) -> tuple[int, str]:
-    """`cowfs info TARGET`: exit code and first line of its output."""
-    result = run_cowfs("info", target)
-    lines = (result.stdout or result.stderr).splitlines()
-    return result.returncode, lines[0] if lines else ""
-
-
-def record(target: Path) -> dict:
-    return json.loads(Path(f"{target}.cowfs.json").read_text())
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("cowfs: error: "), result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def assert_gone(m: Mounted) -> None:
-    """The daemon has exited and its mount is gone; the mountpoint is an empty directory."""
-    assert pid_gone(m.pid), f"daemon {m.pid} still running"
-    assert not m.is_mounted(), f"{m.mountpoint} still mounted"
-    assert m.mountpoint.is_dir() and not os.listdir(m.mountpoint)
 
 
 def start_running(cowfs: CowfsRunner, source: Path, *options: str) -> Mounted:

@@ -1,0 +1,3 @@
+"""Binary size units."""
+
+KiB, MiB = 1 << 10, 1 << 20
