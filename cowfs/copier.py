@@ -32,7 +32,7 @@ class Copier:
         failed copy-before-write left behind."""
         job = self.job
         while job.copying:
-            self._remaining = job.selected & ~job.done
+            self._remaining = job.selected & ~job.copy.done
             if not self._remaining.any():
                 return
             self._cursor = 0
@@ -42,18 +42,18 @@ class Copier:
 
     async def _worker(self) -> None:
         job = self.job
-        buf = bytearray(job.batch_bytes)
+        buf = bytearray(job.copy.batch_bytes)
         failures = 0
         while True:
             await job.wait_unpaused()
             first = self._remaining.find(1, self._cursor)
             if first < 0:
                 return
-            if job.done[first]:
+            if job.copy.done[first]:
                 self._cursor = first + 1
                 continue
-            if job.claims.is_claimed(first):
-                await job.claims.wait(first)  # then look at `first` again
+            if job.copy.claims.is_claimed(first):
+                await job.copy.claims.wait(first)  # then look at `first` again
                 continue
             count = self._claim_batch(first)
             self._cursor = first + count
@@ -65,18 +65,18 @@ class Copier:
                     await trio.sleep(retry_delay(failures))
                 continue
             failures = 0
-            await job.limiter.account(copied)
+            await job.copy.limiter.account(copied)
 
     def _claim_batch(self, first: int) -> int:
         """Claim a run of wanted clusters starting at `first` (which is claimable)."""
         job = self.job
-        end = min(len(self._remaining), first + job.batch_clusters)
+        end = min(len(self._remaining), first + job.copy.batch_clusters)
         count = 0
         while (
             first + count < end
             and self._remaining[first + count]
-            and not job.done[first + count]
-            and job.claims.claim(first + count)
+            and not job.copy.done[first + count]
+            and job.copy.claims.claim(first + count)
         ):
             count += 1
         return count

@@ -1,39 +1,34 @@
-"""The job: one backup of one source into one target.
+"""The job: one backup of one source into one target, and its state.
 
-Owns the point in time, the done bitmap, copy-before-write (CBW), the job's
-state and its figures. The guarantee lives here: a cluster is marked done only
-after its old content is in the target, no write reaches the source before its
-clusters are done, and no cluster is copied twice. Knows nothing of FUSE, of
-the CLI or of record files; the copier (copier.py) asks it to copy clusters.
+Owns the point in time, which clusters the sync mode selects, the job's state
+(`running → (paused) → completing → complete | failed | cancelled`), what the
+error policies make of a failed copy, and its status. The copying itself, the
+done map and one copy per cluster are block copy's (blockcopy.py); the guarantee
+is theirs together: no write reaches the source before its clusters are done, and
+only a job whose every selected cluster is done and durable says complete. Knows
+nothing of FUSE, of the CLI or of record files.
 """
 
-import contextlib
 import enum
 import errno
 import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import trio
 from bitarray import bitarray
 from bitarray.util import zeros
 
+from .blockcopy import BlockCopy
 from .extents import data_clusters
-from .locks import ClusterClaims
 from .options import JobOptions, SyncMode
 from .policy import Action, CbwPolicy, copier_action
-from .ratelimit import RateLimiter
 from .target import Target
-from .transfer import copy_range
 
 log = logging.getLogger(__name__)
-
-BATCH_BYTES = 1 << 20
-"""Largest single copy: big enough to amortise a thread hop, small enough that a guest
-write waiting on a cluster in it waits about a millisecond."""
 
 
 class JobState(enum.StrEnum):
@@ -75,30 +70,27 @@ class Job:
         self.target = target
         self.options = options
         self.cluster_size = options.cluster_size
-        self.batch_clusters = max(1, BATCH_BYTES // self.cluster_size)
-        self.batch_bytes = self.batch_clusters * self.cluster_size
+        self.copy = BlockCopy(
+            source_fd, target, options.cluster_size, options.speed, not options.cbw_timeout
+        )
         self.state = JobState.CREATED
         self.paused_reason: str | None = None
         self.last_error: str | None = None
         self._resumed = trio.Event()
-        self.limiter = RateLimiter(options.speed)
         self.errors: list[str] = []
-        self.claims = ClusterClaims()
-        self.size = 0
-        self.done = bitarray()
         self.selected = bitarray()
         self.point_in_time: datetime | None = None
         self.started_mono = 0.0
         self.finished_mono: float | None = None
-        self.bytes_copier = 0
-        self.bytes_cbw = 0
-        self.bytes_written = 0
         self.copier_scope = trio.CancelScope()
         self.copier_done = trio.Event()
         self.copier_done_mono: float | None = None
         self.ended = trio.Event()
-        self._cbw_buf = bytearray(self.batch_bytes)
-        self._io_limiter = trio.CapacityLimiter(2)
+
+    @property
+    def size(self) -> int:
+        """The source's size at the point in time."""
+        return self.copy.size
 
     # -- the point in time -------------------------------------------------
 
@@ -114,8 +106,8 @@ class Job:
         `top` needs the holes too, as zero clusters: a hole must not read through
         to whatever the backing held there.
         """
-        self.size = os.fstat(self.source_fd).st_size
-        data = data_clusters(self.source_fd, self.size, self.cluster_size)
+        size = os.fstat(self.source_fd).st_size
+        data = data_clusters(self.source_fd, size, self.cluster_size)
         everything = ~zeros(len(data))
         match self.options.sync:
             case SyncMode.FULL:
@@ -130,9 +122,9 @@ class Job:
                 self.selected = needed
             case SyncMode.NONE:
                 needed, self.selected = everything, zeros(len(data))
+        self.copy.reset(size, ~(needed & data))
         for first, count in _runs(needed & ~data):
-            self.target.write_zeroes(*self._extent(first, count))
-        self.done = ~(needed & data)
+            self.target.write_zeroes(*self.copy.extent(first, count))
         self.point_in_time = at or datetime.now(UTC)
         self.started_mono = time.monotonic()
         self.state = JobState.RUNNING
@@ -140,7 +132,7 @@ class Job:
             "point in time fixed: %s, %d bytes, %d clusters of %d, sync %s",
             self.source,
             self.size,
-            len(self.done),
+            len(self.copy.done),
             self.cluster_size,
             self.options.sync,
         )
@@ -177,7 +169,7 @@ class Job:
             await self._resumed.wait()
 
     def set_speed(self, speed: int) -> None:
-        self.limiter.speed = speed
+        self.copy.limiter.speed = speed
         log.info("copier speed set to %d bytes/s", speed)
 
     # -- copy-before-write ---------------------------------------------------
@@ -189,72 +181,20 @@ class Job:
         if offset >= end or not self.protecting:
             return
         first, last = offset // self.cluster_size, (end - 1) // self.cluster_size
-        if self.done.find(0, first, last + 1) < 0:
+        if self.copy.done.find(0, first, last + 1) < 0:
             return  # the common case once the copier is through: nothing to copy
         if not self.options.cbw_timeout:
-            await self._protect_range(first, last)
+            await self._protect(first, last)
             return
         with trio.move_on_after(self.options.cbw_timeout) as scope:
-            await self._protect_range(first, last)
+            await self._protect(first, last)
         if scope.cancelled_caught:
             limit = self.options.cbw_timeout
             self.fail(f"copy-before-write at offset {offset} took over {limit} s")
 
-    async def _protect_range(self, first: int, last: int) -> None:
-        cluster = self.done.find(0, first, last + 1)
-        while cluster >= 0 and self.protecting:
-            window_end = min(last + 1, cluster + self.batch_clusters)
-            await self._protect(cluster, window_end)
-            cluster = self.done.find(0, window_end, last + 1)
-            if cluster >= 0:
-                await trio.lowlevel.checkpoint()  # a huge truncate must not hog the loop
-
-    async def _protect(self, first: int, end: int) -> None:
-        """Make clusters first..end-1 done: copy those nobody copies, wait for the rest."""
-        while self.protecting:
-            busy = None
-            run_start = None
-            for cluster in range(first, end + 1):
-                if cluster < end and not self.done[cluster] and self.claims.claim(cluster):
-                    if run_start is None:
-                        run_start = cluster
-                    continue
-                if cluster < end and not self.done[cluster]:
-                    busy = cluster
-                if run_start is not None:
-                    await self._cbw_copy(run_start, cluster - run_start)
-                    run_start = None
-                    if not self.protecting:
-                        return
-            if busy is None:
-                return
-            await self.claims.wait(busy)
-            if self.done.find(0, first, end) < 0:
-                return
-
-    async def _cbw_copy(self, first: int, count: int) -> None:
-        """Copy claimed clusters: inline when the source's old data is in the page cache
-        (tens of microseconds, less than a thread hop), in a worker thread when it must
-        come from disk, so that a cold read never stalls every other request. With
-        --cbw-timeout always in a thread, so that a hung target can be given up on."""
-        offset, length = self._extent(first, count)
-        written = None
+    async def _protect(self, first: int, last: int) -> None:
         try:
-            if not self.options.cbw_timeout:
-                with contextlib.suppress(BlockingIOError):
-                    written = copy_range(
-                        self.source_fd,
-                        self.target,
-                        offset,
-                        length,
-                        self.cluster_size,
-                        self._cbw_buf,
-                        nowait=True,
-                    )
-            if written is None:
-                written = await self._copy_in_thread(
-                    offset, length, bytearray(length), abandon_on_cancel=True
-                )
+            await self.copy.protect(first, last, lambda: self.protecting)
         except OSError as e:
             reason = f"copy-before-write: {e.strerror}"
             if self.options.on_cbw_error is CbwPolicy.BREAK_GUEST_WRITE:
@@ -262,44 +202,17 @@ class Job:
                 self.last_error = reason
                 raise OSError(errno.EIO, reason) from e
             self.fail(reason)  # break-snapshot: the guest write proceeds
-        else:
-            self._mark_done(first, count)
-            self.bytes_cbw += length
-            self.bytes_written += written
-        finally:
-            self.claims.release(first, count)
 
     # -- the copier's side ---------------------------------------------------
 
     async def copy_claimed(self, first: int, count: int, buf: bytearray) -> int | None:
-        """Copy clusters the copier claimed, in a worker thread; returns bytes read, or
-        None if it failed and the error policy wants the clusters tried again."""
-        offset, length = self._extent(first, count)
+        """Copy clusters the copier claimed; returns bytes read, or None if it failed
+        and the error policy wants the clusters tried again."""
         try:
-            written = await self._copy_in_thread(offset, length, buf, limiter=self._io_limiter)
+            return await self.copy.copy_claimed(first, count, buf)
         except OSError as e:
             self._copier_failed(e)
             return None
-        finally:
-            self.claims.release(first, count)
-        self._mark_done(first, count)
-        self.bytes_copier += length
-        self.bytes_written += written
-        return length
-
-    async def _copy_in_thread(
-        self, offset: int, length: int, buf: bytearray, **to_thread: Any
-    ) -> int:
-        return await trio.to_thread.run_sync(
-            copy_range,
-            self.source_fd,
-            self.target,
-            offset,
-            length,
-            self.cluster_size,
-            buf,
-            **to_thread,
-        )
 
     def _copier_failed(self, error: OSError) -> None:
         reason = f"copier: {error.strerror}"
@@ -313,14 +226,6 @@ class Job:
             log.error("%s; retrying", reason)
         else:
             self.fail(reason)
-
-    def _mark_done(self, first: int, count: int) -> None:
-        self.done[first : first + count] = 1
-
-    def _extent(self, first: int, count: int) -> tuple[int, int]:
-        """Byte offset and length of clusters first..first+count-1 (the last may be partial)."""
-        offset = first * self.cluster_size
-        return offset, min(count * self.cluster_size, self.size - offset)
 
     def copier_finished(self) -> None:
         """The copier has stopped (all copied, or the job ended); rates stop counting."""
@@ -342,7 +247,7 @@ class Job:
         await self.copier_done.wait()
         if self.ended.is_set():
             return False
-        missing = self.selected.count() - (self.selected & self.done).count()
+        missing = self.selected.count() - (self.selected & self.copy.done).count()
         if missing:
             self.fail(f"{missing} clusters were never copied")
             return False
@@ -389,45 +294,66 @@ class Job:
 
     # -- figures -------------------------------------------------------------
 
-    def _bytes(self, clusters: bitarray) -> int:
-        """Bytes of the set clusters, counting the last partial cluster as partial."""
-        total = clusters.count() * self.cluster_size
-        if clusters and clusters[-1]:
-            total -= len(clusters) * self.cluster_size - self.size
-        return total
-
-    def status(self) -> dict[str, object]:
+    def status(self) -> "JobStatus":
         """A snapshot of the job for `cowfs status` and the record."""
-        total = self._bytes(self.selected)
-        done = self._bytes(self.selected & self.done)
+        copy = self.copy
+        total = copy.bytes_of(self.selected)
+        done = copy.bytes_of(self.selected & copy.done)
         end = self.finished_mono or time.monotonic()
         elapsed = max(end - self.started_mono, 1e-6) if self.started_mono else 0.0
         copying = min(end, self.copier_done_mono or end) - self.started_mono
-        rate = (self.bytes_copier + self.bytes_cbw) / copying if copying > 0 else 0.0
-        remaining = total - done
-        return {
-            "state": str(self.state),
-            "source": self.source,
-            "target": str(self.target.path),
-            "format": self.target.format,
-            "sync": str(self.options.sync),
-            "cluster_size": self.cluster_size,
-            "speed": self.limiter.speed,
-            "paused_reason": self.paused_reason,
-            "last_error": self.last_error,
-            "size": self.size,
-            "point_in_time": self.point_in_time.isoformat() if self.point_in_time else None,
-            "bytes_total": total,
-            "bytes_done": done,
-            "bytes_copier": self.bytes_copier,
-            "bytes_cbw": self.bytes_cbw,
-            "bytes_written": self.bytes_written,
-            "elapsed_s": round(elapsed, 3),
-            "rate": round(rate),
-            "eta_s": round(remaining / rate, 1) if rate and self.state not in FINAL else None,
-            "errors": list(self.errors),
-            "barrier_s": self.barrier_s,
-        }
+        rate = (copy.bytes_copier + copy.bytes_cbw) / copying if copying > 0 else 0.0
+        return JobStatus(
+            state=str(self.state),
+            source=self.source,
+            target=str(self.target.path),
+            format=self.target.format,
+            sync=str(self.options.sync),
+            cluster_size=self.cluster_size,
+            speed=copy.limiter.speed,
+            paused_reason=self.paused_reason,
+            last_error=self.last_error,
+            size=self.size,
+            point_in_time=self.point_in_time.isoformat() if self.point_in_time else None,
+            bytes_total=total,
+            bytes_done=done,
+            bytes_copier=copy.bytes_copier,
+            bytes_cbw=copy.bytes_cbw,
+            bytes_written=copy.bytes_written,
+            elapsed_s=round(elapsed, 3),
+            rate=round(rate),
+            eta_s=round((total - done) / rate, 1) if rate and self.state not in FINAL else None,
+            errors=list(self.errors),
+            barrier_s=self.barrier_s,
+        )
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What `cowfs status --json` shows of a job (with its id and image) and what the
+    record is made of."""
+
+    state: str
+    source: str
+    target: str
+    format: str
+    sync: str
+    cluster_size: int
+    speed: int
+    paused_reason: str | None
+    last_error: str | None
+    size: int
+    point_in_time: str | None
+    bytes_total: int
+    bytes_done: int
+    bytes_copier: int
+    bytes_cbw: int
+    bytes_written: int
+    elapsed_s: float
+    rate: int
+    eta_s: float | None
+    errors: list[str] = field(default_factory=list)
+    barrier_s: float | None = None
 
 
 def _runs(bits: bitarray):

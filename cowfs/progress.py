@@ -31,7 +31,7 @@ async def show_progress(job: Job) -> None:
 
 def _draw(bar: tqdm, job: Job) -> None:
     status = job.status()
-    bar.total = status["bytes_total"]
-    bar.n = status["bytes_done"]
-    bar.set_postfix_str(str(status["state"]), refresh=False)
+    bar.total = status.bytes_total
+    bar.n = status.bytes_done
+    bar.set_postfix_str(status.state, refresh=False)
     bar.refresh()

@@ -9,6 +9,7 @@ back, the record, the claim — happens here, once per job, while the mount serv
 
 import logging
 import os
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,8 @@ class Registry:
 
     def status(self) -> dict[str, Any]:
         jobs = [
-            job.status() | {"id": g.id, "image": self._image_of(job), "completion": g.completion}
+            asdict(job.status())
+            | {"id": g.id, "image": self._image_of(job), "completion": g.completion}
             for g in self.groups.values()
             for job in g.jobs
         ]

@@ -4,7 +4,7 @@ a full tmpfs)."""
 SIZE = 4 << 20
 CLUSTER = 64 << 10
 BATCH = 1 << 20
-"""The copier's largest single copy (job.BATCH_BYTES): a copier error names its start."""
+"""The copier's largest single copy (blockcopy.BATCH_BYTES): a copier error names its start."""
 FAST = "16M"
 """Still copying when the mount returns; the whole image in a quarter of a second."""
 PACED = "1M"

@@ -61,9 +61,9 @@ class RecordingTarget:
                 if c in self.seen:
                     self.violations.append(f"cluster {c} copied twice ({kind})")
                 self.seen.add(c)
-                if job.done[c]:
+                if job.copy.done[c]:
                     self.violations.append(f"{kind} to cluster {c} already marked done")
-                if not job.claims.is_claimed(c):
+                if not job.copy.claims.is_claimed(c):
                     self.violations.append(f"{kind} to cluster {c} without a claim")
 
     def write(self, offset: int, data: memoryview) -> None:

@@ -2,7 +2,7 @@
 
 Why this tier exists: the guarantee of DESIGN.md (copy-before-write before every
 mutating operation, single flight per cluster, done only after the copy, holes
-stay holes, nothing silent on errors) lives in cowfs.job and cowfs.copier. Here we
+stay holes, nothing silent on errors) lives in cowfs.job, cowfs.blockcopy and cowfs.copier. Here we
 drive them directly from many trio tasks while the real copier runs in its worker
 threads, so that a broken ordering shows up in milliseconds, with a seed to replay,
 instead of behind a FUSE mount. The guest's write is simulated exactly as the FUSE
@@ -21,7 +21,7 @@ import trio.testing
 from helpers.jobs import RecordingTarget, close_job, poll, random_full_source, write_source
 from helpers.sizes import KiB, MiB
 
-import cowfs.job
+import cowfs.blockcopy
 from cowfs.copier import copy_in_background
 from cowfs.job import Job, JobOptions, JobState, SyncMode
 from cowfs.target import RawTarget
@@ -164,7 +164,7 @@ async def test_point_in_time_under_concurrent_writes(
     rng = random.Random(f"{seed}-{sync}")
     cs = rng.choice([4 * KiB, 16 * KiB, 64 * KiB])
     # Small batches make the copier claim many times, so guest writes meet its claims.
-    monkeypatch.setattr(cowfs.job, "BATCH_BYTES", rng.choice([cs, 4 * cs, MiB]))
+    monkeypatch.setattr(cowfs.blockcopy, "BATCH_BYTES", rng.choice([cs, 4 * cs, MiB]))
     source = tmp_path / "source.img"
     size = random_source(source, rng, cs)
     before = source.read_bytes()
@@ -211,13 +211,13 @@ async def test_point_in_time_under_concurrent_writes(
             expected[c * cs : (c + 1) * cs] = before[c * cs : (c + 1) * cs]
         assert got == bytes(expected), replay
         copied = hit & data
-        assert status["bytes_copier"] == 0
-        assert status["bytes_cbw"] == cluster_bytes(size, cs, copied)
+        assert status.bytes_copier == 0
+        assert status.bytes_cbw == cluster_bytes(size, cs, copied)
     else:
         assert got == before, replay
         copied = data
-        assert status["bytes_done"] == status["bytes_total"]
-        assert status["bytes_copier"] + status["bytes_cbw"] == cluster_bytes(size, cs, data)
+        assert status.bytes_done == status.bytes_total
+        assert status.bytes_copier + status.bytes_cbw == cluster_bytes(size, cs, data)
     # Every cluster that held data at the point in time was copied exactly once.
     assert target.seen == copied, replay
 
@@ -235,7 +235,7 @@ async def test_cbw_waits_for_the_copier_claim(tmp_path: Path) -> None:
 
     async def guest_write() -> None:
         await job.copy_before_write(10, 1)
-        assert job.done[0]
+        assert job.copy.done[0]
         os.pwrite(job.source_fd, b"\xff", 10)
         returned.set()
 
@@ -244,17 +244,17 @@ async def test_cbw_waits_for_the_copier_claim(tmp_path: Path) -> None:
             async with trio.open_nursery() as nursery:
                 job.start()
                 nursery.start_soon(copy_in_background, job)
-                await poll(lambda: job.claims.is_claimed(0))
+                await poll(lambda: job.copy.claims.is_claimed(0))
                 nursery.start_soon(guest_write)
                 await trio.testing.wait_all_tasks_blocked()
                 assert not returned.is_set()  # the guest waits for the copier's copy
-                assert not job.done[0]
+                assert not job.copy.done[0]
                 gate.set()
                 await returned.wait()
                 await job.complete()
         assert job.state is JobState.COMPLETE
         assert target.violations == []
-        assert job.bytes_cbw == 0  # the copier's copy served the guest
+        assert job.copy.bytes_cbw == 0  # the copier's copy served the guest
         assert (tmp_path / "target.img").read_bytes() == before
     finally:
         close_job(job)
@@ -287,10 +287,10 @@ async def test_cbw_copies_exactly_the_touched_clusters(
     try:
         job.start()
         await job.copy_before_write(offset, length)
-        assert {c for c in range(len(job.done)) if job.done[c]} == expected
+        assert {c for c in range(len(job.copy.done)) if job.copy.done[c]} == expected
         assert target.seen == expected
         assert target.violations == []
-        assert job.bytes_cbw == cluster_bytes(SPARSE_SIZE, CS, expected)
+        assert job.copy.bytes_cbw == cluster_bytes(SPARSE_SIZE, CS, expected)
     finally:
         close_job(job)
 
@@ -306,7 +306,7 @@ async def test_empty_source(tmp_path: Path) -> None:
             await job.copy_before_write(0, 100)
             await job.complete()
         assert job.state is JobState.COMPLETE
-        assert job.status()["bytes_total"] == 0
+        assert job.status().bytes_total == 0
     finally:
         close_job(job)
 
@@ -333,9 +333,9 @@ async def test_holes_are_done_from_the_start(tmp_path: Path, sync: SyncMode) -> 
     try:
         job.start()
         data = {*SPARSE_DATA, SPARSE_ZERO_WRITTEN}
-        assert {c for c in range(17) if not job.done[c]} == data
-        assert len(job.done) == 17
-        total = job.status()["bytes_total"]
+        assert {c for c in range(17) if not job.copy.done[c]} == data
+        assert len(job.copy.done) == 17
+        total = job.status().bytes_total
         if sync is SyncMode.FULL:
             assert total == SPARSE_SIZE
         elif sync is SyncMode.TOP:
@@ -400,9 +400,9 @@ async def test_cbw_error_breaks_the_snapshot(tmp_path: Path) -> None:
                 await job.copier_done.wait()  # the copier stopped
                 await job.complete()
         assert job.state is JobState.FAILED
-        assert job.status()["state"] == "failed"
+        assert job.status().state == "failed"
         assert len(job.errors) == 1, job.errors  # complete() added nothing
-        assert not job.done[bad]
+        assert not job.copy.done[bad]
         assert target.violations == []
     finally:
         close_job(job)
@@ -448,7 +448,7 @@ async def test_copier_error_fails_the_job(tmp_path: Path) -> None:
                 assert len(target.calls) == calls
         assert job.state is JobState.FAILED
         assert any("copier" in e and "injected" in e for e in job.errors), job.errors
-        assert not job.done[bad]
+        assert not job.copy.done[bad]
     finally:
         close_job(job)
 
@@ -462,21 +462,21 @@ async def test_cancel_stops_copier_and_cbw(tmp_path: Path) -> None:
             async with trio.open_nursery() as nursery:
                 job.start()
                 nursery.start_soon(copy_in_background, job)
-                await poll(lambda: job.bytes_copier > 0)
+                await poll(lambda: job.copy.bytes_copier > 0)
                 job.cancel("by the test")
                 assert job.state is JobState.CANCELLED
                 await job.copier_done.wait()
                 calls = len(target.calls)
                 await trio.sleep(0.05)
                 assert len(target.calls) == calls  # the copier wrote nothing more
-                last = len(job.done) - 1
-                assert not job.done[last]
+                last = len(job.copy.done) - 1
+                assert not job.copy.done[last]
                 await job.copy_before_write(last * cs, cs)  # returns at once, copies nothing
                 assert len(target.calls) == calls
-                assert not job.done[last]
+                assert not job.copy.done[last]
                 await job.complete()
         assert job.state is JobState.CANCELLED
         assert job.errors == ["cancelled: by the test"]
-        assert job.status()["bytes_done"] < job.status()["bytes_total"]
+        assert job.status().bytes_done < job.status().bytes_total
     finally:
         close_job(job)

@@ -101,7 +101,7 @@ async def test_copier_honours_speed(tmp_path: Path, autojump_clock: trio.testing
         os.close(fd)
         target.close()
     assert job.state is JobState.COMPLETE
-    assert job.bytes_copier == size
+    assert job.copy.bytes_copier == size
     assert size / speed - SLICE - EPS <= elapsed <= size / speed + EPS
     assert (tmp_path / "target.img").read_bytes() == source.read_bytes()
 

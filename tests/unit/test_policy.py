@@ -94,11 +94,11 @@ async def test_full_target_pauses_then_resumes_to_a_complete_backup(
             nursery.start_soon(copy_in_background, job)
             await wait_state(job, JobState.PAUSED)
             status = job.status()
-            assert status["paused_reason"] == "error"
-            assert "No space left" in status["last_error"]
+            assert status.paused_reason == "error"
+            assert "No space left" in status.last_error
             # While paused, copy-before-write still protects the point in time.
             await job.copy_before_write(20 * CS, 10)
-            assert job.done[20]
+            assert job.copy.done[20]
             os.pwrite(job.source_fd, b"guest", 20 * CS)
             target.failing = False  # space was freed
             job.resume()
@@ -144,7 +144,7 @@ async def test_ignore_retries_until_the_error_goes_away(tmp_path: Path) -> None:
             nursery.start_soon(copy_in_background, job)
             await poll(lambda: target.failures >= 3)
             assert job.state is JobState.RUNNING
-            assert "Input/output error" in job.status()["last_error"]
+            assert "Input/output error" in job.status().last_error
             target.failing = False
             await job.complete()
         assert job.state is JobState.COMPLETE, job.errors
@@ -198,10 +198,10 @@ async def test_break_guest_write_fails_the_write_and_keeps_the_backup(tmp_path: 
             with pytest.raises(OSError) as e:
                 await job.copy_before_write(9 * CS + 5, 100)
             assert e.value.errno == errno.EIO
-            assert job.state is JobState.RUNNING and not job.done[9]
+            assert job.state is JobState.RUNNING and not job.copy.done[9]
             target.failing = False
             await job.copy_before_write(9 * CS + 5, 100)  # the guest tries again
-            assert job.done[9]
+            assert job.copy.done[9]
             os.pwrite(job.source_fd, b"x" * 100, 9 * CS + 5)
             await job.complete()
         assert job.state is JobState.COMPLETE
@@ -238,20 +238,20 @@ async def test_user_pause_holds_the_copier(tmp_path: Path) -> None:
             job.start()
             nursery.start_soon(copy_in_background, job)
             job.pause("user")
-            await poll(lambda: len(job.claims) == 0)  # the batch in flight, if any, is done
-            copied = job.bytes_copier
+            await poll(lambda: len(job.copy.claims) == 0)  # the batch in flight, if any, is done
+            copied = job.copy.bytes_copier
             assert copied < job.size
             await trio.testing.wait_all_tasks_blocked()
-            assert job.bytes_copier == copied
-            assert job.status()["state"] == "paused"
-            assert job.status()["paused_reason"] == "user"
+            assert job.copy.bytes_copier == copied
+            assert job.status().state == "paused"
+            assert job.status().paused_reason == "user"
             await job.copy_before_write(60 * CS, 1)  # paused: copy-before-write still works
-            assert job.done[60] and job.bytes_copier == copied
+            assert job.copy.done[60] and job.copy.bytes_copier == copied
             job.set_speed(8 * MiB)
             job.resume()
             await job.complete()
         assert job.state is JobState.COMPLETE
-        assert job.status()["speed"] == 8 * MiB
+        assert job.status().speed == 8 * MiB
         job.target.fsync()
         assert (tmp_path / "target.img").read_bytes() == before
     finally:

@@ -1,0 +1,164 @@
+"""Block copy: the done map, one copy per cluster, and copying clusters into the target.
+
+Shared by copy-before-write and the copier, as QEMU's block-copy is: whoever claims
+a cluster first copies it, anyone else who needs it waits for that copy; a cluster
+is marked done only after its old content is in the target, and then never copied
+again. Knows nothing of job states, sync modes or error policies: a failed copy
+raises OSError after giving its claims back, and the job decides what it means.
+"""
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from bitarray import bitarray
+
+from .locks import ClusterClaims
+from .ratelimit import RateLimiter
+from .target import Target
+from .transfer import copy_range
+
+BATCH_BYTES = 1 << 20
+"""Largest single copy: big enough to amortise a thread hop, small enough that a guest
+write waiting on a cluster in it waits about a millisecond."""
+
+
+class BlockCopy:
+    def __init__(
+        self, source_fd: int, target: Target, cluster_size: int, speed: int, inline: bool
+    ) -> None:
+        """`inline`: copy-before-write may copy in the loop when the old data is cached
+        (not with --cbw-timeout: only a copy in a thread can be given up on)."""
+        self.source_fd = source_fd
+        self.target = target
+        self.cluster_size = cluster_size
+        self.inline = inline
+        self.batch_clusters = max(1, BATCH_BYTES // cluster_size)
+        self.batch_bytes = self.batch_clusters * cluster_size
+        self.size = 0
+        """The source's size at the point in time."""
+        self.done = bitarray()
+        self.claims = ClusterClaims()
+        self.limiter = RateLimiter(speed)
+        self.bytes_copier = 0
+        self.bytes_cbw = 0
+        self.bytes_written = 0
+        """Bytes that reached the target (all-zero clusters are skipped)."""
+        self._cbw_buf = bytearray(self.batch_bytes)
+        self._io_limiter = trio.CapacityLimiter(2)
+
+    def reset(self, size: int, done: bitarray) -> None:
+        """At the point in time: `done` holds the clusters that need no copy."""
+        self.size = size
+        self.done = done
+
+    def extent(self, first: int, count: int) -> tuple[int, int]:
+        """Byte offset and length of clusters first..first+count-1 (the last may be partial)."""
+        offset = first * self.cluster_size
+        return offset, min(count * self.cluster_size, self.size - offset)
+
+    def bytes_of(self, clusters: bitarray) -> int:
+        """Bytes of the set clusters, counting the last partial cluster as partial."""
+        total = clusters.count() * self.cluster_size
+        if clusters and clusters[-1]:
+            total -= len(clusters) * self.cluster_size - self.size
+        return total
+
+    # -- copy-before-write ---------------------------------------------------
+
+    async def protect(self, first: int, last: int, active: Callable[[], bool]) -> None:
+        """Make clusters first..last done, window by window, while `active()`."""
+        cluster = self.done.find(0, first, last + 1)
+        while cluster >= 0 and active():
+            window_end = min(last + 1, cluster + self.batch_clusters)
+            await self._protect_window(cluster, window_end, active)
+            cluster = self.done.find(0, window_end, last + 1)
+            if cluster >= 0:
+                await trio.lowlevel.checkpoint()  # a huge truncate must not hog the loop
+
+    async def _protect_window(self, first: int, end: int, active: Callable[[], bool]) -> None:
+        """Copy the clusters of first..end-1 nobody copies, wait for the rest."""
+        while active():
+            busy = None
+            run_start = None
+            for cluster in range(first, end + 1):
+                if cluster < end and not self.done[cluster] and self.claims.claim(cluster):
+                    if run_start is None:
+                        run_start = cluster
+                    continue
+                if cluster < end and not self.done[cluster]:
+                    busy = cluster
+                if run_start is not None:
+                    await self._cbw_copy(run_start, cluster - run_start)
+                    run_start = None
+                    if not active():
+                        return
+            if busy is None:
+                return
+            await self.claims.wait(busy)
+            if self.done.find(0, first, end) < 0:
+                return
+
+    async def _cbw_copy(self, first: int, count: int) -> None:
+        """Copy claimed clusters: inline when the source's old data is in the page cache
+        (tens of microseconds, less than a thread hop), in a worker thread when it must
+        come from disk, so that a cold read never stalls every other request."""
+        offset, length = self.extent(first, count)
+        written = None
+        try:
+            if self.inline:
+                with contextlib.suppress(BlockingIOError):
+                    written = copy_range(
+                        self.source_fd,
+                        self.target,
+                        offset,
+                        length,
+                        self.cluster_size,
+                        self._cbw_buf,
+                        nowait=True,
+                    )
+            if written is None:
+                written = await self._copy_in_thread(
+                    offset, length, bytearray(length), abandon_on_cancel=True
+                )
+        except BaseException:
+            self.claims.release(first, count)
+            raise
+        self._done(first, count)
+        self.bytes_cbw += length
+        self.bytes_written += written
+
+    # -- the copier's side ---------------------------------------------------
+
+    async def copy_claimed(self, first: int, count: int, buf: bytearray) -> int:
+        """Copy clusters the copier claimed, in a worker thread; returns bytes read."""
+        offset, length = self.extent(first, count)
+        try:
+            written = await self._copy_in_thread(offset, length, buf, limiter=self._io_limiter)
+        except BaseException:
+            self.claims.release(first, count)
+            raise
+        self._done(first, count)
+        self.bytes_copier += length
+        self.bytes_written += written
+        return length
+
+    def _done(self, first: int, count: int) -> None:
+        """Marked done before the claims go: a waiter woken by the release sees it done."""
+        self.done[first : first + count] = 1
+        self.claims.release(first, count)
+
+    async def _copy_in_thread(
+        self, offset: int, length: int, buf: bytearray, **to_thread: Any
+    ) -> int:
+        return await trio.to_thread.run_sync(
+            copy_range,
+            self.source_fd,
+            self.target,
+            offset,
+            length,
+            self.cluster_size,
+            buf,
+            **to_thread,
+        )
