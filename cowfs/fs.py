@@ -1,11 +1,13 @@
-"""The FUSE operations: a thin pyfuse3 adapter presenting each image as a live file.
+"""The FUSE operations: pyfuse3 over node objects, behind one typed error boundary.
 
-The mount's root lists the images, named like their sources, and nothing else
-(job control is a socket outside the mount: no image name can shadow it). Every
-mutating operation goes through the image's Disk (barrier, copy-before-write,
-bitmaps). Must never raise anything but FUSEError out of a handler: pyfuse3 would
-tear the mount down. One error boundary (`_boundary`) turns OSError into its
-errno and anything else into failed backups plus EIO.
+The mount's root lists its nodes (today the images, named like their sources;
+views will be nodes too) and nothing else: job control is a socket outside the
+mount, so no image name can shadow it. A node answers for its own attributes and
+I/O; every mutating operation of an image goes through its Disk (barrier,
+copy-before-write, bitmaps). Handlers raise OSError with an errno for what a
+caller did wrong; `_boundary` turns that into the errno and anything else (a
+bug) into failed backups plus EIO, since pyfuse3 tears the mount down on any
+exception but FUSEError.
 """
 
 import errno
@@ -32,6 +34,61 @@ ATTR_TIMEOUT = 1.0
 """Only this mount changes the sources (they are locked), so the kernel may cache attributes."""
 
 
+def _error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class ImageNode:
+    """A live image: reads from the source, writes through the Disk."""
+
+    def __init__(self, inode: int, disk: Disk) -> None:
+        self.inode = inode
+        self.disk = disk
+        self.name = os.fsencode(disk.name)
+
+    def attrs(self, attrs: pyfuse3.EntryAttributes) -> None:
+        st = os.fstat(self.disk.fd)
+        attrs.st_mode = st.st_mode
+        attrs.st_nlink = 1
+        attrs.st_uid, attrs.st_gid = st.st_uid, st.st_gid
+        attrs.st_size, attrs.st_blocks = st.st_size, st.st_blocks
+        attrs.st_atime_ns, attrs.st_mtime_ns = st.st_atime_ns, st.st_mtime_ns
+        attrs.st_ctime_ns = st.st_ctime_ns
+
+    async def setattr(self, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+        fd = self.disk.fd
+        if fields.update_size:
+            await self.disk.truncate(attr.st_size)
+        if fields.update_mode:
+            os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            os.fchown(fd, uid, attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(fd)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            os.utime(fd, ns=(atime, attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+
+    async def open(self, flags: int) -> None:
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            # libfuse asks for atomic O_TRUNC: no setattr follows, so truncate here
+            await self.disk.truncate(0)
+
+    async def read(self, offset: int, size: int) -> memoryview:
+        fd = self.disk.fd
+        view = memoryview(bytearray(size))
+        got = read_cached(fd, view, offset)  # from the page cache, or else in a thread
+        if got is None or got < size:
+            got = await trio.to_thread.run_sync(os.preadv, fd, [view], offset)
+        return view[:got]
+
+    async def write(self, offset: int, data: bytes) -> int:
+        return await self.disk.write(offset, data)
+
+    async def fsync(self, datasync: bool) -> None:
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, self.disk.fd)
+
+
 def _boundary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(handler)
     async def wrapper(self: "LiveFS", *args: Any) -> Any:
@@ -43,8 +100,8 @@ def _boundary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception as e:  # a bug: no running backup can be trusted after it
             log.exception("internal error in %s", handler.__name__)
-            for disk in self.disks.values():
-                for job in list(disk.jobs):
+            for node in self.nodes.values():
+                for job in list(node.disk.jobs):
                     job.fail(f"internal error in {handler.__name__}: {e!r}")
             raise pyfuse3.FUSEError(errno.EIO) from None
 
@@ -52,25 +109,26 @@ def _boundary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
 
 
 class LiveFS(pyfuse3.Operations):
-    """A directory of live images; writes copy old clusters first."""
+    """A directory of nodes; the images' writes copy old clusters first."""
 
     def __init__(self, registry: Registry, poller: BusyPoller) -> None:
         super().__init__()
         self.registry = registry
         self.poller = poller
-        self.disks = {ROOT + 1 + i: disk for i, disk in enumerate(registry.disks.values())}
-        self.names = {os.fsencode(disk.name): inode for inode, disk in self.disks.items()}
-        self.handles: dict[int, Disk] = {}
+        self.nodes = {
+            ROOT + 1 + i: ImageNode(ROOT + 1 + i, disk)
+            for i, disk in enumerate(registry.disks.values())
+        }
+        self.names = {node.name: node for node in self.nodes.values()}
+        self.handles: dict[int, ImageNode] = {}
         self.next_fh = 1
         self.created_ns = time.time_ns()
 
-    def _disk(self, inode: int) -> Disk:
+    def _node(self, inode: int) -> ImageNode:
         try:
-            return self.disks[inode]
+            return self.nodes[inode]
         except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-
-    # -- attributes -----------------------------------------------------------
+            raise _error(errno.EISDIR if inode == ROOT else errno.ENOENT) from None
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -82,26 +140,17 @@ class LiveFS(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | 0o755
             attrs.st_nlink = 2
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.created_ns
-            return attrs
-        st = os.fstat(self._disk(inode).fd)
-        attrs.st_mode = st.st_mode
-        attrs.st_nlink = 1
-        attrs.st_uid = st.st_uid
-        attrs.st_gid = st.st_gid
-        attrs.st_size = st.st_size
-        attrs.st_blocks = st.st_blocks
-        attrs.st_atime_ns = st.st_atime_ns
-        attrs.st_mtime_ns = st.st_mtime_ns
-        attrs.st_ctime_ns = st.st_ctime_ns
+        else:
+            self._node(inode).attrs(attrs)
         return attrs
 
     @_boundary
     async def lookup(self, parent_inode, name, ctx):
         if parent_inode == ROOT and name in self.names:
-            return self._attrs(self.names[name])
+            return self._attrs(self.names[name].inode)
         if parent_inode == ROOT and name == b"..":
             return self._attrs(ROOT)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        raise _error(errno.ENOENT)
 
     @_boundary
     async def getattr(self, inode, ctx):
@@ -110,65 +159,37 @@ class LiveFS(pyfuse3.Operations):
     @_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):
         if inode == ROOT:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        disk = self._disk(inode)
-        if fields.update_size:
-            await disk.truncate(attr.st_size)
-        if fields.update_mode:
-            os.fchmod(disk.fd, stat.S_IMODE(attr.st_mode))
-        if fields.update_uid or fields.update_gid:
-            os.fchown(
-                disk.fd,
-                attr.st_uid if fields.update_uid else -1,
-                attr.st_gid if fields.update_gid else -1,
-            )
-        if fields.update_atime or fields.update_mtime:
-            st = os.fstat(disk.fd)
-            os.utime(
-                disk.fd,
-                ns=(
-                    attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                    attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
-                ),
-            )
+            raise _error(errno.EPERM)
+        await self._node(inode).setattr(attr, fields)
         return self._attrs(inode)
 
     @_boundary
     async def statfs(self, ctx):
-        first = next(iter(self.disks.values()))
-        vfs = os.fstatvfs(first.fd)
+        first = next(iter(self.nodes.values()))
+        vfs = os.fstatvfs(first.disk.fd)
         data = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail"):
             setattr(data, name, getattr(vfs, name))
-        data.f_files, data.f_ffree, data.f_favail = len(self.disks) + 1, 0, 0
+        data.f_files, data.f_ffree, data.f_favail = len(self.nodes) + 1, 0, 0
         data.f_namemax = vfs.f_namemax
         return data
 
-    # -- the live files ---------------------------------------------------------
+    # -- files ------------------------------------------------------------------
 
     @_boundary
     async def open(self, inode, flags, ctx):
-        if inode == ROOT:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        disk = self._disk(inode)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            # libfuse asks for atomic O_TRUNC: no setattr follows, so truncate here
-            await disk.truncate(0)
+        node = self._node(inode)
+        await node.open(flags)
         fh = self.next_fh
         self.next_fh += 1
-        self.handles[fh] = disk
+        self.handles[fh] = node
         self.registry.open_files += 1
         return pyfuse3.FileInfo(fh=fh)
 
     @_boundary
     async def read(self, fh, off, size):
         self.poller.request_seen()
-        fd = self.handles[fh].fd
-        view = memoryview(bytearray(size))
-        got = read_cached(fd, view, off)  # from the page cache, or else in a thread
-        if got is None or got < size:
-            got = await trio.to_thread.run_sync(os.preadv, fd, [view], off)
-        return view[:got]
+        return await self.handles[fh].read(off, size)
 
     @_boundary
     async def write(self, fh, off, buf):
@@ -177,8 +198,7 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def fsync(self, fh, datasync):
-        fd = self.handles[fh].fd
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        await self.handles[fh].fsync(datasync)
 
     @_boundary
     async def flush(self, fh):
@@ -194,14 +214,14 @@ class LiveFS(pyfuse3.Operations):
     @_boundary
     async def opendir(self, inode, ctx):
         if inode != ROOT:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise _error(errno.ENOTDIR)
         return ROOT
 
     @_boundary
     async def readdir(self, fh, start_id, token):
-        for inode, disk in self.disks.items():
+        for inode, node in self.nodes.items():
             if inode > start_id and not pyfuse3.readdir_reply(
-                token, os.fsencode(disk.name), self._attrs(inode), inode
+                token, node.name, self._attrs(inode), inode
             ):
                 return
 
