@@ -1009,3 +1009,55 @@ def test_finish_lets_the_running_job_finish(daemons: Daemons, tmp_path: Path) ->
     assert record(target)["status"] == "complete"
     assert files_equal(target, a)
     wait_until(lambda: pid_gone(pid), JOB_END_S, "the daemon to exit")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_signals_end_the_mount(daemons: Daemons, tmp_path: Path, signum: signal.Signals) -> None:
+    """SIGTERM cancels the running jobs, unmounts and exits (records cancelled, bitmaps
+    kept consistent); kill -9 leaves the running job's record incomplete and the bitmaps
+    inconsistent, so the next incremental is refused instead of being wrong."""
+    a = make_image(tmp_path / "a.img", SIZE, seed=21)
+    mp = tmp_path / "mnt"
+    pid = daemons.start(mp, a)
+    full = tmp_path / "full.qcow2"
+    backup(mp, "--wait", "--bitmap", "nightly", "--target", full)
+    write_through(mp / "a.img", [(i * 65536, b"w" * 65536) for i in range(0, 128, 2)])
+    running = tmp_path / "running.qcow2"
+    backup(mp, "--speed", SLOW, "--sync", "incremental", "--bitmap", "nightly",
+           "--backing", full, "--target", running)  # fmt: skip
+    os.kill(pid, signum)
+    wait_until(lambda: pid_gone(pid), JOB_END_S, "the daemon to exit")
+    wait_until(lambda: not _is_mounted(mp), JOB_END_S, "the mount to go away")
+    listed = json.loads(ok("bitmap", "list", a, "--json").stdout)
+    if signum == signal.SIGTERM:
+        assert record(running)["status"] == "cancelled"
+        assert [b["consistent"] for b in listed] == [True]
+    else:
+        assert record(running)["status"] == "running"
+        assert run_cowfs("info", running).returncode == 1
+        assert [b["consistent"] for b in listed] == [False]
+        retry = run_cowfs(
+            "mount", a, tmp_path / "mnt2", "--target", tmp_path / "retry.qcow2",
+            "--sync", "incremental", "--bitmap", "nightly", "--backing", full,
+        )  # fmt: skip
+        assert_refused(retry, "an incremental over an inconsistent bitmap")
+
+
+def test_bitmap_commands_reach_the_mount(daemons: Daemons, tmp_path: Path) -> None:
+    """`cowfs bitmap` on a mounted image acts through its daemon: a bitmap added while
+    mounted records the writes after it; one a running job uses cannot be cleared."""
+    a = make_image(tmp_path / "a.img", SIZE, seed=22)
+    mp = tmp_path / "mnt"
+    daemons.start(mp, a)
+    ok("bitmap", "add", a, "late")
+    write_through(mp / "a.img", [(3 * 65536, b"x" * 100)])
+    listed = {b["name"]: b for b in json.loads(ok("bitmap", "list", a, "--json").stdout)}
+    assert listed["late"]["dirty_clusters"] == 1 and listed["late"]["consistent"]
+    target = tmp_path / "t.img"
+    backup(mp, "--speed", SLOW, "--bitmap", "late", "--target", target)
+    assert_refused(run_cowfs("bitmap", "clear", a, "late"), "clear of a bitmap in use")
+    ok("cancel", mp)
+    assert wait_ended(target)["status"] == "cancelled"
+    ok("bitmap", "remove", a, "late")
+    assert json.loads(ok("bitmap", "list", a, "--json").stdout) == []
+    unmount_when_released(mp)
