@@ -33,8 +33,27 @@ Per repetition (medians over `--repeat`):
       block size and total as ours). Both incrementals must equal the source as it was.
   (f) compressed full backup (issue 3): `--compress` into qcow2 (mount -> finish, +fsync)
       vs `qemu-img convert -c -O qcow2` (+fsync) of the same image: time and file size.
+  (g) the barrier of `cowfs backup` under a running writer: on a mount without --target,
+      the writer (4K and 64K separately) writes in passes of `BARRIER_PASS` through the
+      live file while `--barriers` (20) `cowfs backup --sync none` jobs start one after the
+      other, each cancelled (`cowfs cancel MP JOB`: the mount keeps serving) before the
+      next. Each job's `barrier_s` from `cowfs status --json` -- how long the barrier that
+      fixed its point in time held new guest writes -- as p50/p99/max in ms against the
+      issue's goal (p99 < 5 ms; shown, not asserted: with 20 barriers the nearest-rank p99
+      is the max); the longest write that overlapped each `backup` command (what the guest
+      felt); and the writer's own p99 latency and MiB/s against the very same passes
+      through a mount of a fresh copy that runs no job.
+  (h) incremental on a running mount: one mount without --target, a full qcow2 backup
+      anchoring a bitmap (`cowfs backup --bitmap --wait`), the dirty writes of (e) through
+      the live file, then `cowfs backup --sync incremental --backing FULL --wait` timed as
+      a user waits for it (+fsync; no mount in it: the mount is running), and the job's own
+      `elapsed_s` from status (+fsync), against QEMU's incremental job of the same dirty
+      set in the same repetition (as in (e)), and against (e)'s mount -> finish when (e)
+      ran too; then `cowfs unmount`. Both backups must equal the source as it was.
 
-`--phases` picks any of a-f (default all); figures of a `--py-spy` run are not comparable.
+The table shows medians over `--repeat` and the spread (min-max) of the per-repetition
+ratios. `--phases` picks any of a-h (default all); figures of a `--py-spy` run are not
+comparable.
 
 Run as root with the project's venv:  .venv/bin/python scripts/bench.py
 Everything lives in a private directory under `--workdir`, removed unless `--keep`.
@@ -42,9 +61,12 @@ Every mount, daemon and child is torn down on exit, Ctrl-C or SIGTERM.
 """
 
 import argparse
+import array
+import bisect
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import statistics
@@ -59,8 +81,10 @@ from types import ModuleType
 from typing import Any
 
 from cowfs.bitmap import store_path
+from cowfs.claims import claim_file
 from cowfs.control import read_status, send_command
 from cowfs.errors import CowfsError
+from cowfs.record import FINAL_STATES
 
 REPO = Path(__file__).resolve().parent.parent
 COWFS = [sys.executable, "-m", "cowfs"]
@@ -69,10 +93,21 @@ RSS_SOURCE_SIZE = 1 << 40
 RSS_LIMIT_MIB = 100
 POLL_S = 0.1
 """Status polling interval, as the anchor polls QMP: cheap for the daemon (one control read)."""
-PHASES = "abcdef"
+PHASES = "abcdefgh"
 DIRTY_BS = 64 << 10
 """(e) dirties whole 64K clusters: cowfs's default cluster and bitmap granularity, QEMU's too."""
 BITMAP = "bench"
+BARRIER_GOAL_MS = 5.0
+"""(g): the issue's goal for the barrier's p99; the table shows it, nothing asserts it."""
+BARRIER_PASS = 32 * MiB
+"""(g): bytes per writer pass. The writer stops only between passes, so a short pass ends
+the run soon after the last barrier (a 4K pass through the mount takes a few seconds)."""
+PASS_SEED_STEP = 7919
+"""(g): pass i writes with seed + i * this: other offsets and data in every pass."""
+BARRIER_LEAD_S = 0.5
+"""(g): the writer writes this long before the first barrier, so none meets a cold start."""
+CONSTANT_REFS = {"limit": RSS_LIMIT_MIB, "goal": BARRIER_GOAL_MS}
+"""Table references that are fixed figures, not measurements."""
 
 qb: ModuleType  # the anchor module, imported in main() from --anchors
 
@@ -113,12 +148,18 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
     return True
 
 
+def run_cowfs(*argv: str) -> subprocess.CompletedProcess[str]:
+    """One cowfs command as a user runs it; its exit code is the caller's to judge."""
+    argv = (*COWFS, *argv)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
+
+
 class CowfsMount:
     """One `cowfs mount` daemon; `teardown()` is idempotent and always leaves nothing behind."""
 
     live: Path
 
-    def __init__(self, source: Path, mountpoint: Path, target: Path, *options: str) -> None:
+    def __init__(self, source: Path, mountpoint: Path, target: Path | None, *options: str) -> None:
         self.source, self.mountpoint, self.target = source, mountpoint, target
         self.options = options
         self.pid = 0
@@ -126,7 +167,9 @@ class CowfsMount:
     def start(self) -> "CowfsMount":
         self.mountpoint.mkdir(exist_ok=True)
         argv = [*COWFS, "mount", str(self.source), str(self.mountpoint)]
-        argv += ["--target", str(self.target), "--force", *self.options]
+        if self.target is not None:
+            argv += ["--target", str(self.target), "--force"]
+        argv += self.options
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if done.returncode:
             self.teardown()
@@ -197,17 +240,67 @@ def cowfs_mount(source: Path, mnt: Path, target: Path, *options: str) -> Iterato
         m.teardown()
 
 
+class ServingMount(CowfsMount):
+    """`cowfs mount IMG MP` without --target: serves the image and runs no job; jobs start
+    and end on it by command. `teardown()` cancels what still runs and unmounts, then
+    falls back on CowfsMount's (lazy unmount, SIGKILL) for a file still open."""
+
+    def __init__(self, source: Path, mountpoint: Path) -> None:
+        super().__init__(source, mountpoint, None)
+
+    def log_tail(self) -> str:
+        try:
+            return claim_file("mount", self.mountpoint, ".log").read_text()[-2000:]
+        except OSError as e:
+            return str(e)
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return next(j for j in self.status()["jobs"] if j["id"] == job_id)
+
+    def unmount(self) -> int:
+        """`cowfs unmount`: refused while a job runs or a file is open."""
+        done = run_cowfs("unmount", str(self.mountpoint))
+        if not done.returncode:
+            wait_for(lambda: pid_gone(self.pid), 60)
+        return done.returncode
+
+    def running(self) -> set[int]:
+        return {j["id"] for j in self.status()["jobs"] if j["state"] not in FINAL_STATES}
+
+    def teardown(self) -> None:
+        if self.pid and not pid_gone(self.pid) and is_mounted(self.mountpoint):
+            with suppress(CowfsError):
+                for job_id in self.running():
+                    with suppress(CowfsError):
+                        send_command(self.mountpoint, "cancel", job=job_id)
+                wait_for(lambda: not self.running(), 30, POLL_S)
+                send_command(self.mountpoint, "unmount")
+                wait_for(lambda: pid_gone(self.pid), 10)
+        super().teardown()
+
+
+@contextmanager
+def serving_mount(source: Path, mnt: Path) -> Iterator[ServingMount]:
+    m = ServingMount(source, mnt)
+    try:
+        m.start()
+        yield m
+    finally:
+        m.teardown()
+
+
 class Writer:
     """The anchor's writer (`run_workload`: same offsets, data and statistics as its
     `workload` subcommand) in a child process started *before* the mount exists: it opens
     the file only on GO, so no writer start-up time passes between the point in time and
     the first write (QEMU's writer is pre-started too, with its export already there)."""
 
-    def __init__(self, path: Path, wl: Any, tmpdir: Path, tag: str) -> None:
+    def __init__(self, path: Path, wl: Any, tmpdir: Path, tag: str, passes: int = 1) -> None:
+        """`passes` > 1: that many passes of `wl` (`writer_passes`); 0: passes until `stop()`."""
         self.json_path, self.times_path = tmpdir / f"{tag}.json", tmpdir / f"{tag}.times"
         spec = {"file": str(path), "size": wl.size, "bs": wl.bs, "total": wl.total,
                 "seed": wl.seed, "json": str(self.json_path),
-                "times": str(self.times_path)}  # fmt: skip
+                "times": str(self.times_path), "passes": passes}  # fmt: skip
         argv = [sys.executable, __file__, "--anchors", str(Path(qb.__file__).parent)]
         self.p = subprocess.Popen(
             [*argv, "--writer-child", json.dumps(spec)],
@@ -223,6 +316,12 @@ class Writer:
     def go(self) -> None:
         assert self.p.stdin
         self.p.stdin.write("GO\n")
+        self.p.stdin.flush()
+
+    def stop(self) -> None:
+        """End a writer of `passes=0` after its current pass."""
+        assert self.p.stdin
+        self.p.stdin.write("STOP\n")
         self.p.stdin.flush()
 
     def done(self) -> bool:
@@ -250,14 +349,45 @@ def writer_child(spec_json: str) -> int:
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
         return 2
-    res = qb.run_workload(spec["file"], wl, times_out=spec["times"])
+    if spec["passes"] == 1:
+        res = qb.run_workload(spec["file"], wl, times_out=spec["times"])
+    else:
+        res = writer_passes(spec)
     Path(spec["json"]).write_text(json.dumps(res))
     return 0
 
 
+def writer_passes(spec: dict[str, Any]) -> dict[str, Any]:
+    """Passes of the workload (pass i: seed + i * PASS_SEED_STEP), until `passes` are done
+    or, with 0, until STOP (or EOF) is on stdin after a pass; one result over all passes,
+    in `run_workload`'s terms, and all their times in one file."""
+    part = spec["times"] + ".pass"
+    times: list[tuple[int, int]] = []
+    write_s = total_s = 0.0
+    n = 0
+    while True:
+        seed = spec["seed"] + n * PASS_SEED_STEP
+        wl = qb.Workload(spec["size"], spec["bs"], spec["total"], "random", seed)
+        res = qb.run_workload(spec["file"], wl, times_out=part)
+        times += qb.load_times(part)
+        write_s += res["write_s"]
+        total_s += res["total_s"]
+        n += 1
+        if n == spec["passes"] or (not spec["passes"] and select.select([sys.stdin], [], [], 0)[0]):
+            break
+    os.unlink(part)
+    with open(spec["times"], "wb") as f:
+        array.array("q", [x for pair in times for x in pair]).tofile(f)
+    nbytes = len(times) * spec["bs"]
+    return {"passes": n, "nwrites": len(times), "write_s": round(write_s, 4),
+            "total_s": round(total_s, 4), "mib_s": round(nbytes / MiB / total_s, 1),
+            "write_mib_s": round(nbytes / MiB / write_s, 1),
+            "lat_us": qb.lat_summary_ns([d for _, d in times])}  # fmt: skip
+
+
 @contextmanager
-def writer(path: Path, wl: Any, tmpdir: Path, tag: str) -> Iterator[Writer]:
-    w = Writer(path, wl, tmpdir, tag)
+def writer(path: Path, wl: Any, tmpdir: Path, tag: str, passes: int = 1) -> Iterator[Writer]:
+    w = Writer(path, wl, tmpdir, tag, passes)
     try:
         yield w
     finally:
@@ -605,40 +735,211 @@ class Bench:
                 "vm_hwm_mib": round(hwm / MiB, 1), "vm_rss_mib": round(rss / MiB, 1),
                 "cancel_rc": rc}  # fmt: skip
 
+    # -- (g) the barrier of `cowfs backup` under a running writer ----------------------------
+
+    def barrier(self, bs: int) -> dict[str, Any]:
+        """`--barriers` `cowfs backup --sync none` jobs, each cancelled before the next, on a
+        mount without --target while the writer writes in passes; then the same passes
+        through a mount of a fresh copy that runs no job."""
+        wl = qb.Workload(self.a.size, bs, BARRIER_PASS, "random", self.a.seed + 1000)
+        src = self.fresh("barrier_src.raw")
+        out: dict[str, Any] = {}
+        try:
+            with serving_mount(src, self.mnt) as m:
+                with writer(m.live, wl, self.wd, f"g_{bs}", passes=0) as w:
+                    w.go()
+                    cmds = self._barriers(m, w)
+                    w.stop()
+                    out["writer"], times = w.wait()
+                st = json.loads(run_cowfs("status", str(m.mountpoint), "--json").stdout)
+                out["unmount_ok"] = m.unmount() == 0
+        finally:
+            self.rm(src)
+        jobs = {j["id"]: j for j in st["jobs"]}
+        for c in cmds:
+            job = jobs.get(c["id"], {})
+            barrier_s = job.get("barrier_s")
+            c["barrier_ms"] = None if barrier_s is None else round(barrier_s * 1e3, 3)
+            c["state"] = job.get("state")
+            c["stall_ms"] = round(longest_write(times, c.pop("t0"), c.pop("t1")) / 1e6, 3)
+        out["jobs"] = cmds
+        out["jobs_ok"] = len(cmds) == self.a.barriers and all(
+            c["state"] == "cancelled" and c["barrier_ms"] is not None and not c["cancel_rc"]
+            for c in cmds
+        )
+        for key in ("barrier_ms", "stall_ms", "cmd_ms"):
+            out[key] = percentiles([c[key] for c in cmds if c[key] is not None])
+        src = self.fresh("barrier_idle.raw")
+        try:
+            with serving_mount(src, self.mnt) as m:
+                passes = out["writer"]["passes"]
+                with writer(m.live, wl, self.wd, f"g0_{bs}", passes) as w:
+                    w.go()
+                    out["idle"], _ = w.wait()
+                out["idle_unmount_ok"] = m.unmount() == 0
+        finally:
+            self.rm(src)
+        return out
+
+    def _barriers(self, m: ServingMount, w: Writer) -> list[dict[str, Any]]:
+        """Start and cancel the jobs while the writer writes; each with its command's
+        monotonic window (t0, t1) and wall time."""
+        cmds = []
+        time.sleep(BARRIER_LEAD_S)
+        for i in range(self.a.barriers):
+            if w.done():
+                raise RuntimeError("the writer ended before the last barrier")
+            tgt = self.wd / f"barrier_{i}.raw"
+            t0 = qb.mono()
+            done = run_cowfs("backup", str(m.mountpoint), "--sync", "none", "--target", str(tgt))
+            t1 = qb.mono()
+            if done.returncode:
+                raise RuntimeError(f"cowfs backup failed: {done.stderr.strip()}")
+            job_id = int(done.stdout.split()[0])
+            cancel = run_cowfs("cancel", str(m.mountpoint), str(job_id))
+            cmds.append({"id": job_id, "t0": t0, "t1": t1, "cmd_ms": round((t1 - t0) / 1e6, 3),
+                         "cancel_rc": cancel.returncode})  # fmt: skip
+            self.rm(tgt)
+        return cmds
+
+    # -- (h) incremental on a mount that stays mounted ----------------------------------------
+
+    def incremental_on_mount(self, pct: float) -> dict[str, Any]:
+        """One mount without --target: a full qcow2 backup anchoring the bitmap, (e)'s dirty
+        writes through the live file, the incremental with `--backing` the full, unmount."""
+        src = self.fresh("hinc_src.raw")
+        full, inc = self.wd / "hinc_full.qcow2", self.wd / "hinc_inc.qcow2"
+        expected = self.wd / "hinc_expected.raw"
+        wl = self.dirty_workload(pct)
+        out: dict[str, Any] = {}
+        try:
+            with serving_mount(src, self.mnt) as m:
+                out["full"] = self.timed_job(m, full, "--bitmap", BITMAP)
+                out["dirty_writer"] = qb.run_workload(str(m.live), wl)
+                out["dirty_mib"] = self.dirty_bytes(src) / MiB
+                os.sync()  # the writes' writeback must not land in the incremental's window
+                inc_opts = ("--sync", "incremental", "--bitmap", BITMAP, "--backing", str(full))
+                out["inc"] = self.timed_job(m, inc, *inc_opts)
+                out["inc"]["file_mib"] = inc.stat().st_size / MiB
+                out["unmount_ok"] = m.unmount() == 0
+            qb.sparse_copy(str(self.pristine), str(expected))
+            qb.apply_workload(str(expected), wl)
+            out["verify_full"] = qb.compare_images(str(full), str(self.pristine), "qcow2", "raw")
+            out["verify"] = qb.compare_images(str(inc), str(expected), "qcow2", "raw")
+            out["source_check"] = qb.compare_files(str(src), str(expected))
+        finally:
+            self.rm(src, full, inc, expected)
+        return out
+
+    def timed_job(self, m: ServingMount, tgt: Path, *options: str) -> dict[str, Any]:
+        """`cowfs backup MP --target TGT ... --wait` timed as a user waits for it (the CLI's
+        start and its status polling included), plus an fsync of the target; and the job's
+        own time, its `elapsed_s` in status (from its start to complete), plus that fsync."""
+        t0 = qb.mono()
+        done = run_cowfs("backup", str(m.mountpoint), "--target", str(tgt), *options, "--wait")
+        t1 = qb.mono()
+        if not done.stdout.strip():
+            raise RuntimeError(f"cowfs backup failed: {done.stderr.strip()}")
+        fsync_s, _ = qb.timed(qb.fsync_path, str(tgt))
+        job = m.job(int(done.stdout.split()[0]))
+        cli_s = (t1 - t0) / 1e9
+        return {
+            "complete_ok": done.returncode == 0 and job["state"] == "complete",
+            "bytes_total": job["bytes_total"],
+            "bytes_written": job["bytes_written"],
+            "cli_s": round(cli_s, 4),
+            "fsync_s": round(fsync_s, 4),
+            "cli_plus_fsync_s": round(cli_s + fsync_s, 4),
+            "job_s": job["elapsed_s"],
+            "job_plus_fsync_s": round(job["elapsed_s"] + fsync_s, 4),
+        }
+
     # -- driver ------------------------------------------------------------------------------
 
     def repetition(self, rep: int) -> dict[str, Any]:
         r: dict[str, Any] = {}
         n = f"rep {rep + 1}/{self.a.repeat}"
         ph = self.a.phases
+        timed = phase_timer(r)
         for bs in self.a.bs:
             if "a" in ph:
-                log(f"{n} (a) bs={bs}: QEMU export + backup job at {self.a.speed} B/s")
-                q = self.qemu("fuse,backup", bs, self.a.speed)
-                log(f"{n} (a) bs={bs}: cowfs mount + full backup at {self.a.speed} B/s")
-                r.setdefault("a", {})[bs] = {"qemu": q, "cowfs": self.cowfs_backup(bs)}
+                with timed("a"):
+                    log(f"{n} (a) bs={bs}: QEMU export + backup job at {self.a.speed} B/s")
+                    q = self.qemu("fuse,backup", bs, self.a.speed)
+                    log(f"{n} (a) bs={bs}: cowfs mount + full backup at {self.a.speed} B/s")
+                    r.setdefault("a", {})[bs] = {"qemu": q, "cowfs": self.cowfs_backup(bs)}
             if "b" in ph:
-                log(f"{n} (b) bs={bs}: idle cowfs mount, plain file")
-                r.setdefault("b", {})[bs] = {"cowfs": self.cowfs_idle(bs), "plain": self.plain(bs)}
+                with timed("b"):
+                    log(f"{n} (b) bs={bs}: idle cowfs mount, plain file")
+                    b = {"cowfs": self.cowfs_idle(bs), "plain": self.plain(bs)}
+                    r.setdefault("b", {})[bs] = b
         if "c" in ph:
-            log(f"{n} (c) no writer: QEMU job, cowfs, cp --sparse=always")
-            r["c"] = {
-                "qemu": self.qemu("nowriter", self.a.bs[0], 0),
-                "cowfs": self.cowfs_nowriter(),
-                "cp": self.cp(),
-            }
+            with timed("c"):
+                log(f"{n} (c) no writer: QEMU job, cowfs, cp --sparse=always")
+                r["c"] = {
+                    "qemu": self.qemu("nowriter", self.a.bs[0], 0),
+                    "cowfs": self.cowfs_nowriter(),
+                    "cp": self.cp(),
+                }
         if "d" in ph:
-            log(f"{n} (d) 1 TiB sparse source: daemon peak RSS")
-            r["d"] = self.rss()
+            with timed("d"):
+                log(f"{n} (d) 1 TiB sparse source: daemon peak RSS")
+                r["d"] = self.rss()
         for pct in self.a.dirty if "e" in ph else []:
-            log(f"{n} (e) {pct:g}% dirty: QEMU bitmap + full, writes, incremental job")
-            q = self.qemu_incremental(pct)
-            log(f"{n} (e) {pct:g}% dirty: cowfs full --bitmap, writes, incremental")
-            r.setdefault("e", {})[f"{pct:g}%"] = {"qemu": q, "cowfs": self.cowfs_incremental(pct)}
+            with timed("e"):
+                log(f"{n} (e) {pct:g}% dirty: QEMU bitmap + full, writes, incremental job")
+                q = self.qemu_incremental(pct)
+                log(f"{n} (e) {pct:g}% dirty: cowfs full --bitmap, writes, incremental")
+                e = {"qemu": q, "cowfs": self.cowfs_incremental(pct)}
+                r.setdefault("e", {})[f"{pct:g}%"] = e
         if "f" in ph:
-            log(f"{n} (f) compressed full backup: cowfs --compress, qemu-img convert -c")
-            r["f"] = {"cowfs": self.cowfs_compressed(), "qemu_img": self.convert_compressed()}
+            with timed("f"):
+                log(f"{n} (f) compressed full backup: cowfs --compress, qemu-img convert -c")
+                r["f"] = {"cowfs": self.cowfs_compressed(), "qemu_img": self.convert_compressed()}
+        for bs in self.a.bs if "g" in ph else []:
+            with timed("g"):
+                log(f"{n} (g) bs={bs}: {self.a.barriers} backup --sync none + cancel, writer")
+                r.setdefault("g", {})[bs] = self.barrier(bs)
+        for pct in self.a.dirty if "h" in ph else []:
+            with timed("h"):
+                log(f"{n} (h) {pct:g}% dirty: QEMU bitmap + full, writes, incremental job")
+                q = self.qemu_incremental(pct)
+                log(f"{n} (h) {pct:g}% dirty: running mount, full --bitmap, writes, incremental")
+                h = {"qemu": q, "cowfs": self.incremental_on_mount(pct)}
+                r.setdefault("h", {})[f"{pct:g}%"] = h
         return r
+
+
+def phase_timer(r: dict[str, Any]) -> Callable[[str], Any]:
+    """`with timed(phase):` adds the block's wall time to r["phase_s"][phase]."""
+
+    @contextmanager
+    def timed(phase: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            spent = r.setdefault("phase_s", {})
+            spent[phase] = round(spent.get(phase, 0) + time.monotonic() - t0, 1)
+
+    return timed
+
+
+def longest_write(times: list[tuple[int, int]], t0: int, t1: int) -> int:
+    """The longest of the writes (start, duration; in start order) that ran at any moment
+    in [t0, t1], in ns; 0 if none did."""
+    starts = [s for s, _ in times]
+    lo = max(bisect.bisect_right(starts, t0) - 1, 0)
+    hi = bisect.bisect_left(starts, t1)
+    return max((d for s, d in times[lo:hi] if s + d > t0), default=0)
+
+
+def percentiles(values: list[float]) -> dict[str, Any]:
+    """Nearest-rank p50/p99 and the max, as the anchor computes its latencies."""
+    v = sorted(values)
+    if not v:
+        return {}
+    return {"p50": qb.pctl(v, 50), "p99": qb.pctl(v, 99), "max": v[-1], "n": len(v)}
 
 
 def make_huge_sparse(path: Path) -> None:
@@ -719,6 +1020,32 @@ def _rows(sizes: list[int], dirty: list[float]) -> list[tuple[str, str, str, str
         ("(f) compressed size vs qemu-img -c", "f.cowfs.file_mib", "f.qemu_img.file_mib", "MiB",
          ""),
     ]  # fmt: skip
+    for bs in sizes:
+        g, k = f"g.{bs}", f"{bs // 1024}K"
+        rows += [
+            (f"(g) {k} barrier p50 (goal 5 ms)", f"{g}.barrier_ms.p50", "goal", "ms", ""),
+            (f"(g) {k} barrier p99 (goal 5 ms)", f"{g}.barrier_ms.p99", "goal", "ms", "<1"),
+            (f"(g) {k} barrier max (goal 5 ms)", f"{g}.barrier_ms.max", "goal", "ms", ""),
+            (f"(g) {k} stall p99 (goal 5 ms)", f"{g}.stall_ms.p99", "goal", "ms", ""),
+            (f"(g) {k} p99 backups vs none", f"{g}.writer.lat_us.p99", f"{g}.idle.lat_us.p99",
+             "us", ""),
+            (f"(g) {k} MiB/s backups vs none", f"{g}.writer.mib_s", f"{g}.idle.mib_s", "MiB/s",
+             ""),
+        ]  # fmt: skip
+    for pct in dirty:
+        h, p = f"h.{pct:g}%", f"{pct:g}%"
+        rows += [
+            (f"(h) {p} dirty vs QEMU's dirty", f"{h}.cowfs.dirty_mib",
+             f"{h}.qemu.nowriter.dirty_mib", "MiB", ""),
+            (f"(h) {p} full --wait vs QEMU full", f"{h}.cowfs.full.cli_plus_fsync_s",
+             f"{h}.qemu.nowriter.full_plus_fsync_s", "s", ""),
+            (f"(h) {p} inc --wait vs QEMU inc", f"{h}.cowfs.inc.cli_plus_fsync_s",
+             f"{h}.qemu.nowriter.job_plus_fsync_s", "s", ""),
+            (f"(h) {p} inc job only vs QEMU inc", f"{h}.cowfs.inc.job_plus_fsync_s",
+             f"{h}.qemu.nowriter.job_plus_fsync_s", "s", ""),
+            (f"(h) {p} inc vs (e) mount->finish", f"{h}.cowfs.inc.cli_plus_fsync_s",
+             f"e.{p}.cowfs.inc.with_mount_s", "s", ""),
+        ]  # fmt: skip
     return rows
 
 
@@ -754,30 +1081,48 @@ def floor_ok(ratio: float, floor: str) -> str:
     return "ok" if ok else "MISSED"
 
 
+def spread(reps: list[dict[str, Any]], key: str, ref_key: str) -> tuple[float, float] | None:
+    """(min, max) of the per-repetition ratios of `key` to `ref_key`; None from one ratio."""
+    ratios = []
+    for f in reps:
+        mine, ref = f.get(key), CONSTANT_REFS.get(ref_key, f.get(ref_key))
+        if mine is not None and ref:
+            ratios.append(mine / ref)
+    return (min(ratios), max(ratios)) if len(ratios) > 1 else None
+
+
 def table(
-    med: dict[str, Any], sizes: list[int], dirty: list[float]
+    med: dict[str, Any], reps: list[dict[str, Any]], sizes: list[int], dirty: list[float]
 ) -> tuple[list[dict[str, Any]], str]:
+    """The table of medians; `reps` (flattened repetitions) give each ratio's spread."""
     rows, lines = [], []
-    head = f"{'measure':34} {'cowfs':>9} {'reference':>10} {'ratio':>7} {'unit':6} floor"
+    head = (
+        f"{'measure':34} {'cowfs':>9} {'reference':>10} {'ratio':>7} {'spread':>13} "
+        f"{'unit':6} floor"
+    )
     lines += [head, "-" * len(head)]
     for label, key, ref_key, unit, floor in _rows(sizes, dirty):
         mine = med.get(key)
-        ref = RSS_LIMIT_MIB if ref_key == "limit" else med.get(ref_key)
+        ref = CONSTANT_REFS.get(ref_key, med.get(ref_key))
         if mine is None or not ref:
             continue
         ratio = mine / ref
         verdict = floor_ok(ratio, floor)
+        lo_hi = spread(reps, key, ref_key)
         rows.append({"measure": label, "cowfs": mine, "reference": ref, "ratio": ratio,
-                     "unit": unit, "floor": floor, "verdict": verdict})  # fmt: skip
+                     "spread": lo_hi, "unit": unit, "floor": floor,
+                     "verdict": verdict})  # fmt: skip
+        span = f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}" if lo_hi else ""
         lines.append(
-            f"{label:34} {mine:9.4g} {ref:10.4g} {ratio:7.3f} {unit:6} {floor} {verdict}".rstrip()
+            f"{label:34} {mine:9.4g} {ref:10.4g} {ratio:7.3f} {span:>13} {unit:6} {floor} "
+            f"{verdict}".rstrip()
         )
     return rows, "\n".join(lines)
 
 
 def checks(med: dict[str, Any]) -> dict[str, bool]:
     """Every correctness check of the run, by key (medians of booleans are all())."""
-    out = {k: v for k, v in med.items() if k.endswith(".equal") or k.endswith(".ok")}
+    out = {k: v for k, v in med.items() if k.endswith((".equal", ".ok", "_ok"))}
     out |= {k: v == 0 for k, v in med.items() if k.endswith("finish_rc")}
     out |= {k: v for k, v in med.items() if k.endswith(".copied")}
     return out
@@ -806,9 +1151,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "e.g. 0: on these VMs a FUSE round trip between two CPUs costs ~40 us more "
         "than on one, and the scheduler's choice flips run to run (default: unpinned)",
     )
-    p.add_argument("--phases", default="a,b,c,d,e,f", help="phases to run (default a,b,c,d,e,f)")
+    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (default a-h)")
     p.add_argument(
-        "--dirty", default="1,10", help="(e): percentages of the image dirty (default 1,10)"
+        "--dirty", default="1,10", help="(e), (h): percentages of the image dirty (default 1,10)"
+    )
+    p.add_argument(
+        "--barriers", type=int, default=20, help="(g): backups started per block size (default 20)"
     )
     p.add_argument("--no-rss", action="store_true", help="skip (d), the 1 TiB memory check")
     p.add_argument(
@@ -829,6 +1177,8 @@ def normalise(a: argparse.Namespace) -> None:
     a.dirty = [float(s) for s in a.dirty.split(",")]
     if not all(0 < d < 100 for d in a.dirty):
         raise SystemExit("--dirty: percentages between 0 and 100")
+    if a.barriers < 1:
+        raise SystemExit("--barriers: at least 1")
     phases = {s.strip() for s in a.phases.split(",") if s.strip()}
     if not phases <= set(PHASES):
         raise SystemExit(f"--phases: a comma list of {','.join(PHASES)}")
@@ -866,7 +1216,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(result: dict[str, Any], reps: list, args: argparse.Namespace, elapsed: float) -> int:
     med = medians(reps)
-    rows, text = table(med, args.bs, args.dirty)
+    rows, text = table(med, [flatten(r) for r in reps], args.bs, args.dirty)
     ok = checks(med)
     result |= {"repeats": reps, "median": med, "ratios": rows, "checks": ok,
                "ok": all(ok.values()), "elapsed_s": round(elapsed, 1)}  # fmt: skip
@@ -883,8 +1233,22 @@ def report(result: dict[str, Any], reps: list, args: argparse.Namespace, elapsed
     print("(b) idle mount = a full backup whose copier has finished, still mounted")
     if "e" in args.phases:
         print("(e) incremental: mount -> finish (+fsync), no writer; QEMU: job (+fsync)")
-    print("ratio = cowfs / reference: higher is better for MiB/s, lower for us, s and MiB")
+    if "g" in args.phases:
+        print(
+            f"(g) {args.barriers} backup --sync none + cancel per repetition under the writer; "
+            "barrier = how long it held new writes (status barrier_s); stall = the longest "
+            "write during a backup command; none = the same passes, no job"
+        )
+    if "h" in args.phases:
+        print(
+            "(h) incremental on a running mount: backup --wait (+fsync) as the user waits, "
+            "or the job's elapsed_s (+fsync); QEMU: job (+fsync)"
+        )
+    print("ratio = cowfs / reference: higher is better for MiB/s, lower for us, ms, s and MiB")
+    print("spread = lowest-highest of the per-repetition ratios")
     print(text)
+    spent = ", ".join(f"{k[8:]} {v:.0f} s" for k, v in med.items() if k.startswith("phase_s."))
+    print(f"time per repetition (median): {spent}")
     bad = [k for k, v in ok.items() if not v]
     print(f"verification: {'PASS' if not bad else 'FAIL ' + ', '.join(bad)} ({len(ok)} checks)")
     return 0 if not bad else 1
