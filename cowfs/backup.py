@@ -25,6 +25,7 @@ from .bitmap import BitmapStore, DirtyBitmap, to_clusters
 from .claims import Claim, rename_noreplace
 from .disk import Disk
 from .errors import CowfsError
+from .extents import DataScan
 from .imagelock import Role, lock_image
 from .job import Job
 from .options import JobOptions, SyncMode
@@ -130,12 +131,13 @@ def _check_anchor(bitmap: DirtyBitmap, backing: Path) -> None:
         )
 
 
-def begin(prepared: Prepared, at: datetime | None = None) -> None:
-    """Fix the point in time (`at`, the group's): anchor the bitmap, fill the done map,
-    protect the image. Never awaits: the caller holds the barrier (or serves nothing yet)."""
+def begin(prepared: Prepared, at: datetime | None = None, scan: DataScan | None = None) -> None:
+    """Fix the point in time (`at`, the group's; `scan`, the data clusters scanned before
+    it): anchor the bitmap, fill the done map, protect the image. Never awaits: the
+    caller holds the barrier (or serves nothing yet)."""
     job, disk = prepared.job, prepared.disk
     job.incremental = _start_bitmap(disk.dirty, job.options, disk.size)
-    job.start(at)
+    job.start(at, scan)
     disk.jobs.append(job)
 
 

@@ -8,8 +8,11 @@ the dirty bitmaps, and only then the image itself. Knows nothing of FUSE.
 import os
 from pathlib import Path
 
+import trio
+
 from .barrier import Barrier
 from .bitmap import BitmapStore
+from .extents import DataScan
 from .job import Job
 
 
@@ -22,6 +25,8 @@ class Disk:
         self.barrier = barrier
         self.jobs: list[Job] = []
         """Jobs whose point in time writes must still respect (running or paused)."""
+        self.scans: list[DataScan] = []
+        """Scans under way for a job about to start: each write is noted in them."""
 
     @property
     def size(self) -> int:
@@ -33,6 +38,8 @@ class Disk:
             if self.jobs:
                 for job in list(self.jobs):
                     await job.copy_before_write(offset, len(data))
+            for scan in self.scans:
+                scan.note(offset, len(data))
             self.dirty.mark(offset, len(data))
             return os.pwrite(self.fd, data, offset)
         finally:
@@ -46,10 +53,24 @@ class Disk:
                 if size < job.size:
                     await job.copy_before_write(size, job.size - size)
             old = self.size
+            for scan in self.scans:
+                scan.note(min(old, size), abs(old - size))
             self.dirty.mark(min(old, size), abs(old - size))
             os.ftruncate(self.fd, size)
         finally:
             self.barrier.leave()
+
+    async def scan(self, cluster_size: int) -> DataScan:
+        """Which clusters hold data, scanned in a thread while writes go on; end it with
+        `scans.remove` once the point in time is fixed."""
+        scan = DataScan(cluster_size)
+        self.scans.append(scan)
+        try:
+            await trio.to_thread.run_sync(scan.scan, self.fd)
+        except BaseException:
+            self.scans.remove(scan)
+            raise
+        return scan
 
     def running_job(self) -> Job | None:
         return next((job for job in self.jobs if not job.ended.is_set()), None)

@@ -1,14 +1,19 @@
 """Which clusters of the source hold data at the point in time (SEEK_DATA/SEEK_HOLE).
 
 The kernel answers from the filesystem's extent map without reading data, so a
-1 TiB sparse image is scanned in milliseconds. Filesystems that do not know
-holes report everything as data, which is always safe.
+1 TiB sparse image is scanned in milliseconds; but a file that random writes
+have cut into thousands of extents takes tens of milliseconds, too long to hold
+guest writes for. So a mount scans before its barrier (DataScan), in a thread,
+and notes the writes that land meanwhile: every cluster they touch counts as
+data. Filesystems that do not know holes report everything as data, which is
+always safe, and so is counting a cluster as data that is not.
 """
 
 import errno
 import os
 
 from bitarray import bitarray
+from bitarray.util import ones
 
 
 def data_clusters(fd: int, size: int, cluster_size: int) -> bitarray:
@@ -33,3 +38,33 @@ def data_clusters(fd: int, size: int, cluster_size: int) -> bitarray:
         data[start // cluster_size : -(-end // cluster_size)] = 1
         pos = end
     return data
+
+
+class DataScan:
+    """A scan made before the point in time, kept true by the writes noted since."""
+
+    def __init__(self, cluster_size: int) -> None:
+        self.cluster_size = cluster_size
+        self.bits = bitarray()
+        self.size = 0
+        self._writes: list[tuple[int, int]] = []
+
+    def note(self, offset: int, length: int) -> None:
+        """A write (or a truncate's changed range) since the scan began."""
+        self._writes.append((offset, length))
+
+    def scan(self, fd: int) -> None:
+        """Blocking: run it in a thread, after the disk notes writes here."""
+        self.size = os.fstat(fd).st_size
+        self.bits = data_clusters(fd, self.size, self.cluster_size)
+
+    def at(self, size: int) -> bitarray:
+        """The data clusters of a source of `size` bytes now (under the barrier)."""
+        cs = self.cluster_size
+        nclusters = -(-size // cs)
+        data = self.bits[:nclusters]
+        data.extend(ones(nclusters - len(data)))  # grown since the scan: count as data
+        for offset, length in self._writes:
+            if length > 0 and offset < size:
+                data[offset // cs : min(nclusters, -(-(offset + length) // cs))] = 1
+        return data

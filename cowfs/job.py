@@ -23,7 +23,7 @@ from bitarray import bitarray
 from bitarray.util import zeros
 
 from .blockcopy import BlockCopy
-from .extents import data_clusters
+from .extents import DataScan, data_clusters
 from .options import JobOptions, SyncMode
 from .policy import Action, CbwPolicy, copier_action
 from .target import Target
@@ -94,7 +94,7 @@ class Job:
 
     # -- the point in time -------------------------------------------------
 
-    def start(self, at: datetime | None = None) -> None:
+    def start(self, at: datetime | None = None, scan: DataScan | None = None) -> None:
         """Fix the point in time. Must run before the first request is served.
 
         Which clusters the target needs follows from the sync mode; of those, the
@@ -102,12 +102,16 @@ class Job:
         zero: the target is told so, which a fresh raw file already is). The copier
         copies the selected ones; copy-before-write saves the rest of the needed
         ones before they change (in `none` mode: all of them). `at`: the instant the
-        barrier fixed for the whole group (now, by default). Over a backing file
+        barrier fixed for the whole group (now, by default); `scan`: the data clusters
+        scanned before it (by default, scanned now). Over a backing file
         `top` needs the holes too, as zero clusters: a hole must not read through
         to whatever the backing held there.
         """
         size = os.fstat(self.source_fd).st_size
-        data = data_clusters(self.source_fd, size, self.cluster_size)
+        if scan is None:
+            data = data_clusters(self.source_fd, size, self.cluster_size)
+        else:
+            data = scan.at(size)
         everything = ~zeros(len(data))
         match self.options.sync:
             case SyncMode.FULL:

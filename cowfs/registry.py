@@ -96,10 +96,21 @@ class Registry:
         self._starting |= names
         try:
             prepared = await self._prepare(disks, requests)
-            async with self.barrier.hold():  # the point in time, one for all images
-                now = datetime.now(UTC)
+            scans = []
+            try:
+                for p in prepared:  # before the barrier: it holds writes, the scan does not
+                    scans.append(await p.disk.scan(p.job.cluster_size))
+                async with self.barrier.hold():  # the point in time, one for all images
+                    now = datetime.now(UTC)
+                    for p, scan in zip(prepared, scans, strict=True):
+                        backup.begin(p, now, scan)
+            except BaseException:
                 for p in prepared:
-                    backup.begin(p, now)
+                    backup.abort(p)
+                raise
+            finally:
+                for p, scan in zip(prepared, scans, strict=False):
+                    p.disk.scans.remove(scan)
             for p in prepared:
                 p.job.barrier_s = self.barrier.held_s
             try:
