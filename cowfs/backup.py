@@ -134,10 +134,11 @@ def _check_anchor(bitmap: DirtyBitmap, backing: Path) -> None:
 def begin(prepared: Prepared, at: datetime | None = None, scan: DataScan | None = None) -> None:
     """Fix the point in time (`at`, the group's; `scan`, the data clusters scanned before
     it): anchor the bitmap, fill the done map, protect the image. Never awaits: the
-    caller holds the barrier (or serves nothing yet)."""
+    caller holds the barrier (then the copier tells the target about zero clusters) or
+    serves nothing yet (then it is done here, where Ctrl-C can still undo it)."""
     job, disk = prepared.job, prepared.disk
     job.incremental = _start_bitmap(disk.dirty, job.options, disk.size)
-    job.start(at, scan)
+    job.start(at, scan, zeroes_now=scan is None)
     disk.jobs.append(job)
 
 

@@ -83,9 +83,16 @@ class Copier:
 
 
 async def copy_in_background(job: Job) -> None:
-    """Copy until done, failed or cancelled (the job's point in time is fixed already)."""
+    """Copy until done, failed or cancelled (the job's point in time is fixed already);
+    first the zero clusters a job started under a barrier left to it."""
     try:
         with job.copier_scope:
+            if job.zeroes.any():
+                try:
+                    await trio.to_thread.run_sync(job.write_zeroes)
+                except OSError as e:
+                    job.fail(f"writing the zero clusters of the target: {e.strerror}")
+                    return
             await Copier(job).run()
     except Exception as e:  # a bug: the backup must say so rather than hang or lie
         log.exception("copier crashed")

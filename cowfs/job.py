@@ -79,6 +79,8 @@ class Job:
         self._resumed = trio.Event()
         self.errors: list[str] = []
         self.selected = bitarray()
+        self.zeroes = bitarray()
+        """Needed clusters that were holes at the point in time, not yet told the target."""
         self.point_in_time: datetime | None = None
         self.started_mono = 0.0
         self.finished_mono: float | None = None
@@ -94,7 +96,9 @@ class Job:
 
     # -- the point in time -------------------------------------------------
 
-    def start(self, at: datetime | None = None, scan: DataScan | None = None) -> None:
+    def start(
+        self, at: datetime | None = None, scan: DataScan | None = None, zeroes_now: bool = True
+    ) -> None:
         """Fix the point in time. Must run before the first request is served.
 
         Which clusters the target needs follows from the sync mode; of those, the
@@ -103,7 +107,10 @@ class Job:
         copies the selected ones; copy-before-write saves the rest of the needed
         ones before they change (in `none` mode: all of them). `at`: the instant the
         barrier fixed for the whole group (now, by default); `scan`: the data clusters
-        scanned before it (by default, scanned now). Over a backing file
+        scanned before it (by default, scanned now); `zeroes_now`: tell the target about
+        the zero clusters here, or leave it to the copier (under a barrier: on a huge or
+        fragmented sparse source that takes milliseconds to seconds, and the zero
+        clusters are done already, so no guest write waits for them). Over a backing file
         `top` needs the holes too, as zero clusters: a hole must not read through
         to whatever the backing held there.
         """
@@ -127,8 +134,9 @@ class Job:
             case SyncMode.NONE:
                 needed, self.selected = everything, zeros(len(data))
         self.copy.reset(size, ~(needed & data))
-        for first, count in _runs(needed & ~data):
-            self.target.write_zeroes(*self.copy.extent(first, count))
+        self.zeroes = needed & ~data
+        if zeroes_now:
+            self.write_zeroes()
         self.point_in_time = at or datetime.now(UTC)
         self.started_mono = time.monotonic()
         self.state = JobState.RUNNING
@@ -140,6 +148,13 @@ class Job:
             self.cluster_size,
             self.options.sync,
         )
+
+    def write_zeroes(self) -> None:
+        """Blocking: the target learns which needed clusters were holes at the point in
+        time (a fresh raw file knows; qcow2 over a backing file flags them)."""
+        for first, count in _runs(self.zeroes):
+            self.target.write_zeroes(*self.copy.extent(first, count))
+        self.zeroes = bitarray()
 
     @property
     def copying(self) -> bool:
