@@ -13,7 +13,7 @@ import errno
 import os
 
 from bitarray import bitarray
-from bitarray.util import ones
+from bitarray.util import ones, zeros
 
 
 def data_clusters(fd: int, size: int, cluster_size: int) -> bitarray:
@@ -47,11 +47,18 @@ class DataScan:
         self.cluster_size = cluster_size
         self.bits = bitarray()
         self.size = 0
-        self._writes: list[tuple[int, int]] = []
+        self._written = bitarray()
+        """Clusters written since the scan began: a bit each, so that fixing the point in
+        time costs the same however many writes a long scan saw."""
 
     def note(self, offset: int, length: int) -> None:
         """A write (or a truncate's changed range) since the scan began."""
-        self._writes.append((offset, length))
+        if length <= 0:
+            return
+        first, end = offset // self.cluster_size, -(-(offset + length) // self.cluster_size)
+        if end > len(self._written):
+            self._written.extend(zeros(end - len(self._written)))
+        self._written[first:end] = 1
 
     def scan(self, fd: int) -> None:
         """Blocking: run it in a thread, after the disk notes writes here."""
@@ -64,7 +71,6 @@ class DataScan:
         nclusters = -(-size // cs)
         data = self.bits[:nclusters]
         data.extend(ones(nclusters - len(data)))  # grown since the scan: count as data
-        for offset, length in self._writes:
-            if length > 0 and offset < size:
-                data[offset // cs : min(nclusters, -(-(offset + length) // cs))] = 1
-        return data
+        written = self._written[:nclusters]
+        written.extend(zeros(nclusters - len(written)))
+        return data | written
