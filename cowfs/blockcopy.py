@@ -131,18 +131,44 @@ class BlockCopy:
 
     # -- the copier's side ---------------------------------------------------
 
-    async def copy_claimed(self, first: int, count: int, buf: bytearray) -> int:
-        """Copy clusters the copier claimed, in a worker thread; returns bytes read."""
-        offset, length = self.extent(first, count)
+    async def copy_claimed(self, runs: list[tuple[int, int]], buf: bytearray) -> int:
+        """Copy the runs of clusters the copier claimed, in one worker thread (`buf` holds
+        the largest); returns bytes read. A run that fails ends the batch: the runs
+        before it are done, it and the rest are given back, and its error raised."""
         try:
-            written = await self._copy_in_thread(offset, length, buf, limiter=self._io_limiter)
+            copied, written, error = await trio.to_thread.run_sync(
+                self._copy_runs, runs, buf, limiter=self._io_limiter
+            )
         except BaseException:
-            self.claims.release(first, count)
+            for first, count in runs:
+                self.claims.release(first, count)
             raise
-        self._done(first, count)
+        length = 0
+        for first, count in runs[:copied]:
+            self._done(first, count)
+            length += self.extent(first, count)[1]
+        for first, count in runs[copied:]:
+            self.claims.release(first, count)
         self.bytes_copier += length
         self.bytes_written += written
+        if error is not None:
+            raise error
         return length
+
+    def _copy_runs(
+        self, runs: list[tuple[int, int]], buf: bytearray
+    ) -> tuple[int, int, OSError | None]:
+        """Blocking: (runs copied, bytes written, the error that stopped it or None)."""
+        written = 0
+        for i, (first, count) in enumerate(runs):
+            offset, length = self.extent(first, count)
+            try:
+                written += copy_range(
+                    self.source_fd, self.target, offset, length, self.cluster_size, buf
+                )
+            except OSError as e:
+                return i, written, e
+        return len(runs), written, None
 
     def _done(self, first: int, count: int) -> None:
         """Marked done before the claims go: a waiter woken by the release sees it done."""

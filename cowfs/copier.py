@@ -55,9 +55,9 @@ class Copier:
             if job.copy.claims.is_claimed(first):
                 await job.copy.claims.wait(first)  # then look at `first` again
                 continue
-            count = self._claim_batch(first)
-            self._cursor = first + count
-            copied = await job.copy_claimed(first, count, buf)
+            runs = self._claim_batch(first)
+            self._cursor = runs[-1][0] + runs[-1][1]
+            copied = await job.copy_claimed(runs, buf)
             if copied is None:  # failed; the error policy wants these clusters again
                 failures += 1
                 self._cursor = min(self._cursor, first)
@@ -67,19 +67,31 @@ class Copier:
             failures = 0
             await job.copy.limiter.account(copied)
 
-    def _claim_batch(self, first: int) -> int:
-        """Claim a run of wanted clusters starting at `first` (which is claimable)."""
-        job = self.job
-        end = min(len(self._remaining), first + job.copy.batch_clusters)
-        count = 0
-        while (
-            first + count < end
-            and self._remaining[first + count]
-            and not job.copy.done[first + count]
-            and job.copy.claims.claim(first + count)
-        ):
-            count += 1
-        return count
+    def _claim_batch(self, first: int) -> list[tuple[int, int]]:
+        """Claim up to a batch of wanted clusters from `first` (which is claimable) on, as
+        (first, count) runs: neighbours, and the next wanted ones after a gap, so that a
+        sparse selection (an incremental) copies many clusters per thread hop. Clusters
+        someone else holds are skipped; a later pass takes what they leave undone."""
+        copy = self.job.copy
+        remaining = self._remaining
+        runs: list[tuple[int, int]] = []
+        budget = copy.batch_clusters
+        pos = first
+        while budget and pos >= 0:
+            start = pos
+            while (
+                budget
+                and pos < len(remaining)
+                and remaining[pos]
+                and not copy.done[pos]
+                and copy.claims.claim(pos)
+            ):
+                pos += 1
+                budget -= 1
+            if pos > start:
+                runs.append((start, pos - start))
+            pos = remaining.find(1, pos + 1 if pos == start else pos)
+        return runs
 
 
 async def copy_in_background(job: Job) -> None:

@@ -224,11 +224,11 @@ class Job:
 
     # -- the copier's side ---------------------------------------------------
 
-    async def copy_claimed(self, first: int, count: int, buf: bytearray) -> int | None:
-        """Copy clusters the copier claimed; returns bytes read, or None if it failed
-        and the error policy wants the clusters tried again."""
+    async def copy_claimed(self, runs: list[tuple[int, int]], buf: bytearray) -> int | None:
+        """Copy the runs of clusters the copier claimed; returns bytes read, or None if
+        a copy failed and the error policy wants the clusters tried again."""
         try:
-            return await self.copy.copy_claimed(first, count, buf)
+            return await self.copy.copy_claimed(runs, buf)
         except OSError as e:
             self._copier_failed(e)
             return None

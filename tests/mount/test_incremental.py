@@ -194,7 +194,7 @@ def test_cancelled_incremental_loses_nothing(
     source = make_image(tmp_path / "disk.img", SIZE, seed=seed, holes=False)
     full = tmp_path / "full.qcow2"
     full_pit = full_backup(cowfs, source, full)
-    between = random_writes(rng, SIZE, SIZE // CLUSTER // 8)  # 2 MiB: seconds to copy
+    between = random_writes(rng, SIZE, SIZE // CLUSTER // 2)  # 8 MiB: seconds to copy
     writes_between(cowfs, source, tmp_path / "between.img", between)
     assert_dirty(source, BITMAP, between)
 

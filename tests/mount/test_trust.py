@@ -286,7 +286,7 @@ def test_incremental_onto_a_cancelled_link_is_refused(
     read the rest through to the full, from before. Onto the full it is right."""
     full = tmp_path / "full.qcow2"
     full_backup(cowfs, source, full)
-    live_session(cowfs, source, "between1.img", writing(scattered(44, 16)))  # 1 MiB dirty
+    live_session(cowfs, source, "between1.img", writing(scattered(44, 64, 2 * CLUSTER)))  # 4 MiB
     inc1 = tmp_path / "inc1.qcow2"
     m = cowfs.mount(source, inc1, "--speed", "256K", *incremental_options(full))
     st = m.status()
