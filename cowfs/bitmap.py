@@ -2,18 +2,23 @@
 
 Owns the bitmaps of one source, their file (`.NAME.cowfs-bitmaps.json` beside the
 source) and the rules that keep them honest:
-- a mount marks the file *in use* before serving; only a clean end of the mount
-  stores the bits as consistent, with the source's identity (device, inode, size,
-  mtime, ctime: nobody can set a ctime back, so an outside write that restores
-  the mtime is seen too). A mount that died leaves *in use*: every bitmap is
-  inconsistent then.
-- a source whose identity changed since (written outside cowfs) makes every
-  bitmap inconsistent, since writes may have been missed.
+- a mount marks the file *in use* by its session before serving, and saves the bits
+  from time to time (tracking.py); a clean end of the mount stores them as not in
+  use, with the source's identity (device, inode, size, mtime, ctime: nobody can set
+  a ctime back, so an outside write that restores the mtime is seen too).
+- a mount that died leaves *in use*: each bitmap is then its last save plus every
+  region of the dead session's write-intent record (intent.py), a superset of the
+  writes since — consistent, and marked as recovered with how much it grew. Without
+  a usable intent record, or with signs of a write outside cowfs since, every bitmap
+  is inconsistent.
+- a source whose identity changed since a clean end (written outside cowfs) makes
+  every bitmap inconsistent, since writes may have been missed.
 - a bitmap used by a job (anchored or copied by an incremental) restarts empty at
   the point in time and collects the writes after it (QEMU's successor); when the
   job fails, the bits it started from are merged back (reclaim), so the next
-  incremental misses nothing. When it completes, the bitmap names that job as its
-  *anchor*: the one backup the next incremental may name as its backing.
+  incremental misses nothing. While the job runs, saves store that merge (what a
+  crash would leave). When it completes, the bitmap names that job as its *anchor*:
+  the one backup the next incremental may name as its backing.
 A damaged file is a clear error, never an empty bitmap. Never touches the source's
 data; callers hold the source's lock while they change bitmaps.
 """
@@ -31,11 +36,12 @@ from bitarray import bitarray
 from bitarray.util import zeros
 
 from .errors import CowfsError
+from .intent import IntentRecord, intent_path, read_intent, remove_intent
 from .record import pid_alive
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 DEFAULT_GRANULARITY = 64 << 10
 
 
@@ -54,6 +60,8 @@ class DirtyBitmap:
     anchor: dict | None = None
     """The backup whose point in time the bits start from: {"job", "target",
     "point_in_time"} of its record; None for a bitmap added or cleared by hand."""
+    recovered: dict | None = None
+    """After a crash since its anchor: {"pid", "grew_bytes"} of the latest recovery."""
 
     def dirty_bytes(self, size: int) -> int:
         return min(self.bits.count() * self.granularity, size)
@@ -67,6 +75,26 @@ class DirtyBitmap:
     def distrust(self, reason: str) -> None:
         if self.consistent:
             self.consistent, self.reason = False, reason
+
+    def durable_view(self) -> tuple[bitarray, bool, str | None]:
+        """What a save stores: while a job runs, what its failure would leave (the bits
+        it started from merged back; a bitmap it created anchors nothing)."""
+        if self.before_job is None:
+            return self.bits, self.consistent, self.reason
+        bits = _union(self.bits, self.before_job)
+        if self.new:
+            return bits, False, "the full backup that was to anchor it did not complete"
+        return bits, self.consistent, self.reason
+
+    def recover(self, intent: IntentRecord, pid: int, size: int) -> None:
+        """Add every region the dead mount's intent marks (clipped to the source)."""
+        before = self.bits.count()
+        for region in intent.regions.search(1):
+            start = region * intent.region_size
+            if start < size:
+                self.mark(start, min(intent.region_size, size - start))
+        grew = (self.bits.count() - before) * self.granularity
+        self.recovered = {"pid": pid, "grew_bytes": grew}
 
 
 def store_path(source: Path) -> Path:
@@ -111,6 +139,7 @@ class BitmapStore:
                 raise ValueError("checksum mismatch")
             bitmaps = {b["name"]: _decode(b) for b in content["bitmaps"]}
             in_use, stored_identity = content["in_use_by"], content["identity"]
+            session = content.get("session")  # version 1 files have none
         except (ValueError, KeyError, TypeError, zlib.error) as e:
             why = f"no field {e}" if isinstance(e, KeyError) else str(e)
             raise CowfsError(
@@ -120,25 +149,60 @@ class BitmapStore:
         if in_use is not None and not holding_lock and pid_alive(in_use):
             store.in_use_by = in_use  # a live mount owns them; it holds the source's lock
         elif in_use is not None:
-            store._distrust(f"a mount of the source died (pid {in_use}): writes may be missed")
+            store._recover(in_use, session, stored_identity)
         elif stored_identity != identity(os.stat(source)):
-            store._distrust("the source changed outside cowfs")
+            store.distrust("the source changed outside cowfs")
         return store
 
-    def save(self, in_use_by: int | None, source_st: os.stat_result) -> None:
-        """Replace the file atomically. `in_use_by` marks a live mount (a crash then leaves
-        it marked); `source_st` is the source as this save leaves it."""
+    def _recover(self, pid: int, session: str | None, stored: list[int]) -> None:
+        """The mount `pid` (`session`) died while serving: its last save plus its intent
+        record, unless the source shows a change that the record cannot explain."""
+        died = f"a mount of the source died (pid {pid})"
+        st = os.stat(self.source)
+        try:
+            intent = read_intent(intent_path(self.source)) if session else None
+        except CowfsError as e:
+            self.distrust(f"{died} and {e.message}: writes may be missed")
+            return
+        if intent is None or intent.session != session:
+            # It wrote nothing through its intent record: nothing at all, or (with the
+            # record lost or never written) writes that only the identity can show.
+            if stored != identity(st):
+                self.distrust(f"{died} and left no intent record: writes may be missed")
+            return
+        changed = _outside_change(intent, stored, st)
+        if changed:
+            self.distrust(f"{died}, and {changed} since: writes may be missed")
+            return
+        for bitmap in self.bitmaps.values():
+            bitmap.recover(intent, pid, st.st_size)
+
+    def snapshot(
+        self,
+        in_use_by: int | None,
+        session: str | None,
+        source_st: os.stat_result,
+        untrusted: str | None = None,
+    ) -> bytes:
+        """The file's content now. `in_use_by` and `session` mark a live mount (a crash
+        then leaves them); `source_st` is the source as this save leaves it; `untrusted`
+        stores every bitmap as inconsistent for that reason."""
         content = {
             "version": VERSION,
             "in_use_by": in_use_by,
+            "session": session,
             "identity": identity(source_st),
-            "bitmaps": [_encode(b) for b in self.bitmaps.values()],
+            "bitmaps": [_encode(b, untrusted) for b in self.bitmaps.values()],
         }
         doc = {"sha256": _digest(content), "content": content}
+        return json.dumps(doc, indent=1).encode()
+
+    def write(self, doc: bytes) -> None:
+        """Replace the file with `doc` atomically and durably (blocking)."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             with open(tmp, "wb") as f:
-                f.write(json.dumps(doc, indent=1).encode())
+                f.write(doc)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError:
@@ -151,7 +215,19 @@ class BitmapStore:
         finally:
             os.close(dfd)
 
-    def _distrust(self, reason: str) -> None:
+    def save(self, in_use_by: int | None, source_st: os.stat_result) -> None:
+        """Save with no session: by a command holding the source's lock, not a mount."""
+        self.write(self.snapshot(in_use_by, None, source_st))
+
+    def close(self, source_st: os.stat_result) -> None:
+        """Store the bitmaps as not in use (a clean end): no intent record is needed after
+        that, so it goes (a crash in between leaves one no save names: ignored)."""
+        if not self.bitmaps and not self.path.exists():
+            return
+        self.save(None, source_st)
+        remove_intent(intent_path(self.source))
+
+    def distrust(self, reason: str) -> None:
         for bitmap in self.bitmaps.values():
             bitmap.distrust(reason)
 
@@ -183,6 +259,7 @@ class BitmapStore:
         bitmap = self.get(name)
         bitmap.bits.setall(0)
         bitmap.anchor = None  # from now on: no backup's point in time
+        bitmap.recovered = None
 
     # -- a mount ------------------------------------------------------------------------
 
@@ -210,14 +287,9 @@ class BitmapStore:
         back (a new bitmap anchors nothing: distrusted), and so does its old anchor."""
         bitmap = self.bitmaps[name]
         if anchor is not None:
-            bitmap.anchor = anchor
+            bitmap.anchor, bitmap.recovered = anchor, None
         elif bitmap.before_job is not None:
-            if bitmap.new:
-                bitmap.distrust("the full backup that was to anchor it did not complete")
-            size = max(len(bitmap.bits), len(bitmap.before_job))
-            for bits in (bitmap.bits, bitmap.before_job):
-                bits.extend(zeros(size - len(bits)))
-            bitmap.bits |= bitmap.before_job
+            bitmap.bits, bitmap.consistent, bitmap.reason = bitmap.durable_view()
         bitmap.before_job, bitmap.new = None, False
 
 
@@ -232,6 +304,7 @@ def bitmap_rows(store: BitmapStore, size: int, in_use_by: int | None) -> list[di
             "dirty_clusters": b.bits.count(),
             "dirty_bytes": b.dirty_bytes(size),
             "in_use_by": in_use_by,
+            "recovered": b.recovered,
         }
         for b in store.bitmaps.values()
     ]
@@ -243,16 +316,36 @@ def _digest(content: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _encode(bitmap: DirtyBitmap) -> dict:
-    packed = zlib.compress(bitmap.bits.tobytes())
+def _union(a: bitarray, b: bitarray) -> bitarray:
+    size = max(len(a), len(b))
+    return (a + zeros(size - len(a))) | (b + zeros(size - len(b)))
+
+
+def _outside_change(intent: IntentRecord, stored: list[int], st: os.stat_result) -> str | None:
+    """Why the source cannot be only what the dead mount left, or None. Its writes all
+    came before the record's lease and within its size limit, to the same file."""
+    if [st.st_dev, st.st_ino] != stored[:2]:
+        return "the source is another file"
+    if st.st_size > intent.size_limit:
+        return "the source grew beyond what the mount could write"
+    if max(st.st_mtime_ns, st.st_ctime_ns) > intent.lease_ns:
+        return "the source changed after the mount died"
+    return None
+
+
+def _encode(bitmap: DirtyBitmap, untrusted: str | None) -> dict:
+    bits, consistent, reason = bitmap.durable_view()
+    if untrusted is not None and consistent:
+        consistent, reason = False, untrusted
     return {
         "name": bitmap.name,
         "granularity": bitmap.granularity,
-        "nbits": len(bitmap.bits),
-        "consistent": bitmap.consistent,
-        "reason": bitmap.reason,
+        "nbits": len(bits),
+        "consistent": consistent,
+        "reason": reason,
         "anchor": bitmap.anchor,
-        "bits": base64.b64encode(packed).decode(),
+        "recovered": bitmap.recovered,
+        "bits": base64.b64encode(zlib.compress(bits.tobytes())).decode(),
     }
 
 
@@ -276,6 +369,7 @@ def _decode(doc: dict) -> DirtyBitmap:
         bool(doc["consistent"]),
         doc["reason"],
         anchor=anchor,
+        recovered=doc.get("recovered"),  # version 1 files have none
     )
 
 

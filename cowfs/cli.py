@@ -23,6 +23,7 @@ from .chain import links
 from .claims import image_entry
 from .control import is_mounted, read_status, send_command
 from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, CowfsError
+from .intent import SAVE_PERIOD_S
 from .options import JobOptions, SyncMode
 from .policy import CbwPolicy, SourcePolicy, TargetPolicy
 from .preflight import canonical_target, check_cluster_size, check_source
@@ -59,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--backing", type=Path, help="the previous backup of a chain (qcow2)")
     _job_options(m)
     m.add_argument("--allow-other", action="store_true", help="let other users reach the live file")
+    m.add_argument(
+        "--intent-region",
+        default="64M",
+        metavar="SIZE",
+        help="bytes per bit of the write-intent record that keeps bitmaps through a crash",
+    )
+    m.add_argument(
+        "--save-period",
+        type=float,
+        default=SAVE_PERIOD_S,
+        metavar="SECONDS",
+        help="save the bitmaps this often while writes come (bounds what a crash adds)",
+    )
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached until unmounted")
     m.add_argument("--debug", action="store_true", help="log every step")
 
@@ -180,6 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
+def _intent_region(text: str) -> int:
+    size = parse_size(text, "intent region")
+    if size < 64 << 10 or size & (size - 1):
+        raise CowfsError(f"bad intent region {text}: must be a power of two of 64K or more")
+    return size
+
+
+def _save_period(seconds: float) -> float:
+    if not 0.1 <= seconds <= 3600:  # also refuses nan
+        raise CowfsError(f"bad save period {seconds}: must be from 0.1 to 3600 seconds")
+    return seconds
+
+
 def _mount(args: argparse.Namespace) -> int:
     from .backup import TargetRequest  # trio and pyfuse3: only this command needs them
     from .mount import MountRequest, run_mount
@@ -200,6 +227,8 @@ def _mount(args: argparse.Namespace) -> int:
         mountpoint=mountpoint,
         first=first,
         allow_other=args.allow_other,
+        intent_region=_intent_region(args.intent_region),
+        save_period=_save_period(args.save_period),
         foreground=args.foreground,
         progress=args.foreground and sys.stderr.isatty() and first is not None,
         debug=args.debug,
@@ -483,7 +512,7 @@ def _bitmap(args: argparse.Namespace) -> int:
                 store.remove(args.name)
             case "clear":
                 store.clear(args.name)
-        store.save(None, os.fstat(fd))
+        store.close(os.fstat(fd))
     finally:
         os.close(fd)
     return EXIT_OK
@@ -518,6 +547,9 @@ def _bitmap_list(rows: list[dict[str, Any]], as_json: bool) -> int:
         state = "consistent" if row["consistent"] else f"inconsistent: {row['reason']}"
         if row["in_use_by"]:
             state += f" (in use by pid {row['in_use_by']})"
+        if row.get("recovered"):
+            grew = format_bytes(row["recovered"]["grew_bytes"])
+            state += f"; recovered after a crash of pid {row['recovered']['pid']}, grew by {grew}"
         print(
             f"{row['name']}: {state}; granularity {format_bytes(row['granularity'])}, "
             f"dirty {format_bytes(row['dirty_bytes'])} ({row['dirty_clusters']} clusters)"

@@ -79,7 +79,7 @@ class ControlServer:
                 for job in group.jobs:
                     job.set_speed(request["speed"])
             case "bitmap":
-                registry.bitmap_command(
+                await registry.bitmap_command(
                     request["image"],
                     request["action"],
                     request.get("name", ""),

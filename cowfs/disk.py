@@ -1,8 +1,9 @@
 """One image served by a mount: its locked fd, its dirty bitmaps and the write path.
 
 Every change to the image goes through here, in one order: the barrier's gate,
-copy-before-write for each job that still protects the image's point in time,
-the dirty bitmaps, and only then the image itself. Knows nothing of FUSE.
+copy-before-write for each job that still protects the image's point in time, the
+write intent (durable before the change), the dirty bitmaps, and only then the image
+itself. Knows nothing of FUSE.
 """
 
 import os
@@ -14,19 +15,24 @@ from .barrier import Barrier
 from .bitmap import BitmapStore
 from .extents import DataScan
 from .job import Job
+from .tracking import ChangeTracker
 
 
 class Disk:
-    def __init__(self, path: Path, fd: int, dirty: BitmapStore, barrier: Barrier) -> None:
+    def __init__(self, path: Path, fd: int, tracker: ChangeTracker, barrier: Barrier) -> None:
         self.path = path
         self.name = path.name
         self.fd = fd
-        self.dirty = dirty
+        self.tracker = tracker
         self.barrier = barrier
         self.jobs: list[Job] = []
         """Jobs whose point in time writes must still respect (running or paused)."""
         self.scans: list[DataScan] = []
         """Scans under way for a job about to start: each write is noted in them."""
+
+    @property
+    def dirty(self) -> BitmapStore:
+        return self.tracker.store
 
     @property
     def size(self) -> int:
@@ -38,9 +44,10 @@ class Disk:
             if self.jobs:
                 for job in list(self.jobs):
                     await job.copy_before_write(offset, len(data))
+            await self.tracker.ensure(offset, offset + len(data))
             for scan in self.scans:
                 scan.note(offset, len(data))
-            self.dirty.mark(offset, len(data))
+            self.tracker.mark(offset, len(data))
             return os.pwrite(self.fd, data, offset)
         finally:
             self.barrier.leave()
@@ -52,10 +59,13 @@ class Disk:
             for job in list(self.jobs):
                 if size < job.size:
                     await job.copy_before_write(size, job.size - size)
-            old = self.size
+            old = -1
+            while old != self.size:  # a write may grow the image while the intent is written
+                old = self.size
+                await self.tracker.ensure(min(old, size), max(old, size))
             for scan in self.scans:
                 scan.note(min(old, size), abs(old - size))
-            self.dirty.mark(min(old, size), abs(old - size))
+            self.tracker.mark(min(old, size), abs(old - size))
             os.ftruncate(self.fd, size)
         finally:
             self.barrier.leave()

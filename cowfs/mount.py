@@ -30,11 +30,13 @@ from .disk import Disk
 from .errors import EXIT_INCOMPLETE, EXIT_OK, CowfsError
 from .fs import LiveFS
 from .group import Completion
+from .intent import REGION_SIZE, SAVE_PERIOD_S
 from .job import JobState
 from .log import setup_logging
 from .progress import show_progress
 from .record import log_path
 from .registry import Registry
+from .tracking import ChangeTracker
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class MountRequest:
     first: TargetRequest | None = None
     """The job of `mount --target`, started with the mount (one source only)."""
     allow_other: bool = False
+    intent_region: int = REGION_SIZE
+    save_period: float = SAVE_PERIOD_S
     foreground: bool = False
     progress: bool = False
     debug: bool = False
@@ -80,7 +84,8 @@ def run_mount(req: MountRequest) -> int:
                 fd = open_locked(source, "source")
                 undo.callback(os.close, fd)
                 dirty = BitmapStore.load(source, holding_lock=True)
-                disks.append(Disk(source, fd, dirty, barrier))
+                tracker = ChangeTracker(dirty, fd, req.intent_region, req.save_period)
+                disks.append(Disk(source, fd, tracker, barrier))
             registry = Registry(mountpoint, disks, barrier)
             first = None
             if req.first is not None:
@@ -114,9 +119,8 @@ def run_mount(req: MountRequest) -> int:
             claim.held_by(os.getpid())
             if first is not None:
                 backup.commit(first)
-            for disk in disks:  # a crash from here on leaves them marked in use: inconsistent
-                if disk.dirty.bitmaps:
-                    disk.dirty.save(os.getpid(), os.fstat(disk.fd))
+            for disk in disks:  # a crash from here on recovers from this mount's intent
+                disk.tracker.arm()
                 entry = image_entry(disk.path)  # where `cowfs bitmap` finds this mount
                 entry.write_text(str(mountpoint))
                 undo.callback(entry.unlink, missing_ok=True)
@@ -140,7 +144,7 @@ def run_mount(req: MountRequest) -> int:
         raise
     finally:
         for disk in disks:
-            _save_bitmaps(disk.dirty, disk.fd)
+            _end_tracking(disk.tracker)
         for disk in disks:
             image_entry(disk.path).unlink(missing_ok=True)
         sock.close()
@@ -151,15 +155,13 @@ def run_mount(req: MountRequest) -> int:
     return EXIT_OK if first.job.state is JobState.COMPLETE else EXIT_INCOMPLETE
 
 
-def _save_bitmaps(dirty: BitmapStore, source_fd: int) -> None:
-    """Store the bitmaps at the end of a mount; a failure leaves them marked in use, which
-    reads as inconsistent: the next incremental is refused, never wrong."""
-    if not dirty.bitmaps and not dirty.path.exists():
-        return
+def _end_tracking(tracker: ChangeTracker) -> None:
+    """Store the bitmaps at the end of a mount; a failure leaves them marked in use by
+    this mount, which the next one recovers as after a crash."""
     try:
-        dirty.save(None, os.fstat(source_fd))
+        tracker.close()
     except OSError as e:
-        log.error("cannot save the dirty bitmaps of %s: %s", dirty.source, e)
+        log.error("cannot save the dirty bitmaps of %s: %s", tracker.store.source, e)
 
 
 async def _serve(

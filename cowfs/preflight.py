@@ -16,9 +16,11 @@ from .errors import CowfsError
 MIN_CLUSTER = 4 << 10
 MAX_CLUSTER = 16 << 20
 
-OWN_FILE = re.compile(r".*\.cowfs(\.json|\.log|-bitmaps\.json)(\.tmp)?|.*\.cowfs-\d+\.tmp", re.S)
-"""Names of cowfs's own files (records, logs, bitmaps, their temporary files): never a
-target, which would destroy one of them or be mistaken for one."""
+OWN_FILE = re.compile(
+    r".*\.cowfs(\.json|\.log|-bitmaps\.json|-intent)(\.tmp)?|.*\.cowfs-\d+\.tmp", re.S
+)
+"""Names of cowfs's own files (records, logs, bitmaps, intent records, their temporary
+files): never a target, which would destroy one of them or be mistaken for one."""
 
 
 def check_cluster_size(size: int) -> int:

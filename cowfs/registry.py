@@ -53,10 +53,14 @@ class Registry:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the groups until the mount is gone and every group has ended."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await self.unmounted.wait()
+            async with trio.open_nursery() as tracking:
+                for disk in self.disks.values():
+                    tracking.start_soon(disk.tracker.run)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    await self.unmounted.wait()
+                tracking.cancel_scope.cancel()  # no writes any more: the mount's end saves
         finally:
             self.done.set()
 
@@ -120,7 +124,11 @@ class Registry:
                 for p in prepared:
                     backup.abort(p)
                 raise
-            return self.add_group(prepared, completion)
+            group = self.add_group(prepared, completion)
+            for p in prepared:  # a point in time moved bits aside: save what a crash leaves
+                if p.job.options.bitmap is not None:
+                    await p.disk.tracker.save()
+            return group
         finally:
             self._starting -= names
 
@@ -144,7 +152,7 @@ class Registry:
             raise
         return prepared
 
-    def bitmap_command(self, image: str, action: str, name: str, granularity: int) -> None:
+    async def bitmap_command(self, image: str, action: str, name: str, granularity: int) -> None:
         """`cowfs bitmap add|remove|clear` on a served image; saved at once (in use)."""
         disk = self.disk(image)
         if action == "list":
@@ -161,10 +169,8 @@ class Registry:
                 disk.dirty.clear(name)
             case _:
                 raise CowfsError(f"unknown bitmap action {action!r}")
-        try:
-            disk.dirty.save(os.getpid(), os.fstat(disk.fd))
-        except OSError as e:
-            raise CowfsError(f"cannot save the bitmaps of {disk.path}: {e.strerror}") from None
+        if not await disk.tracker.save():
+            raise CowfsError(f"cannot save the bitmaps of {disk.path}: see the mount's log")
 
     def disk(self, name: str) -> Disk:
         try:
@@ -209,10 +215,7 @@ class Registry:
         if job.options.bitmap is not None:
             complete = job.state is JobState.COMPLETE
             disk.dirty.end_job(job.options.bitmap, backup.anchor(job) if complete else None)
-            try:
-                disk.dirty.save(os.getpid(), os.fstat(disk.fd))
-            except OSError as e:
-                log.error("cannot save the dirty bitmaps of %s: %s", disk.path, e)
+            await disk.tracker.save()
         try:
             await trio.to_thread.run_sync(backup.write_job_record, job, False)
         except OSError as e:  # the record left behind (running) says incomplete: no lie
@@ -244,6 +247,7 @@ class Registry:
                     "size": disk.size,
                     "job": running.group if running is not None else None,
                     "bitmaps": bitmap_rows(disk.dirty, disk.size, os.getpid()),
+                    "tracking": disk.tracker.status(),
                 }
             )
         mount = {
