@@ -172,7 +172,7 @@ class BitmapStore:
             return
         changed = _outside_change(intent, stored, st)
         if changed:
-            self.distrust(f"{died}, and {changed} since: writes may be missed")
+            self.distrust(f"{died}, and {changed}: writes may be missed")
             return
         for bitmap in self.bitmaps.values():
             bitmap.recover(intent, pid, st.st_size)
@@ -325,11 +325,14 @@ def _outside_change(intent: IntentRecord, stored: list[int], st: os.stat_result)
     """Why the source cannot be only what the dead mount left, or None. Its writes all
     came before the record's lease and within its size limit, to the same file."""
     if [st.st_dev, st.st_ino] != stored[:2]:
-        return "the source is another file"
+        return "the source is another file now"
     if st.st_size > intent.size_limit:
-        return "the source grew beyond what the mount could write"
-    if max(st.st_mtime_ns, st.st_ctime_ns) > intent.lease_ns:
-        return "the source changed after the mount died"
+        return "the source grew beyond what the mount could have written"
+    last = intent.lease_ns
+    if intent.written_before_ns is not None:
+        last = min(last, intent.written_before_ns)
+    if max(st.st_mtime_ns, st.st_ctime_ns) > last:
+        return "the source was changed after the mount died (outside cowfs)"
     return None
 
 

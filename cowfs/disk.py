@@ -48,7 +48,10 @@ class Disk:
             for scan in self.scans:
                 scan.note(offset, len(data))
             self.tracker.mark(offset, len(data))
-            return os.pwrite(self.fd, data, offset)
+            try:
+                return os.pwrite(self.fd, data, offset)
+            finally:
+                self.tracker.written()
         finally:
             self.barrier.leave()
 
@@ -66,7 +69,10 @@ class Disk:
             for scan in self.scans:
                 scan.note(min(old, size), abs(old - size))
             self.tracker.mark(min(old, size), abs(old - size))
-            os.ftruncate(self.fd, size)
+            try:
+                os.ftruncate(self.fd, size)
+            finally:
+                self.tracker.written()
         finally:
             self.barrier.leave()
 

@@ -1,18 +1,31 @@
 """The write-intent record of one source: which regions may hold writes that the last
 durable save of its bitmaps does not.
 
-The file (`.NAME.cowfs-intent` beside the source and its bitmap file) holds two
-fixed-size slots. Each update goes to the slot that does not hold the newest record,
-with one `fdatasync`: a torn or lost update leaves the other slot, the previous
-record, which is still valid (each slot carries its own SHA-256). That is an atomic
-replacement without a rename, so the common update allocates nothing and costs one
-small synchronous write — which matters on the guest's write path, and keeps change
-tracking working on a full filesystem (the blocks are allocated when the file is
-made). Only a record too big for its slots (the source grew a lot) makes a new file,
-by rename. On filesystems that copy on write (btrfs, ZFS) an overwrite allocates
-too; it is still atomic there.
+The file (`.NAME.cowfs-intent` beside the source and its bitmap file) holds an
+*alive page* and two fixed-size slots. Each update goes to the slot that does not
+hold the newest record, with one `fdatasync`: a torn or lost update leaves the
+other slot, the previous record, which is still valid (each slot carries its own
+SHA-256). That is an atomic replacement without a rename, so the common update
+allocates nothing and costs one small synchronous write — which matters on the
+guest's write path, and keeps change tracking working on a full filesystem (the
+blocks are allocated when the file is made). Only a record too big for its slots
+(the source grew a lot) makes a new file, by rename. On filesystems that copy on
+write (btrfs, ZFS) an overwrite allocates too; it is still atomic there.
 
-A slot, all integers little-endian:
+The alive page (the first 4 KiB, mapped into the daemon's memory) says when the
+session's last write to the source started and ended: two stores per write, no
+system call. It is never made durable on purpose, and need not be: after the
+daemon dies (kill -9, a crash of its own) the page cache still holds it, exact; after
+the machine went down it is stale, which its boot id shows, and the lease alone bounds
+the writes. So a source written outside cowfs after a kill -9 is seen even a moment
+later. All integers little-endian:
+
+    magic "COWFSALV" | boot id 16 bytes | session 16 bytes | started ns u64 | ended ns u64
+
+`started` is nonzero while a write runs (its start plus a second: a write cannot
+still change the source's times after that); `ended` is when the last one returned.
+
+A slot:
 
     magic "COWFSINT" | version u32 | slot size u32 | seq u64 | session 16 bytes |
     lease ns u64 | region size u64 | size limit u64 | regions n u64 |
@@ -24,8 +37,11 @@ than; `size limit` the largest size the mount may have given the source.
 """
 
 import hashlib
+import mmap
 import os
 import struct
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +58,12 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIQ16sQQQQ")
 DIGEST = 32
 PAGE = 4096
+ALIVE_MAGIC = b"COWFSALV"
+ALIVE = struct.Struct("<8s16s16sQQ")
+STARTED, ENDED = 5, 6
+"""The alive page's two times, as indices of 8-byte words."""
+WRITE_BOUND_NS = 1_000_000_000
+"""How long after its start a running write may still set the source's times."""
 
 
 @dataclass
@@ -53,6 +75,9 @@ class IntentRecord:
     region_size: int
     size_limit: int
     regions: bitarray
+    written_before_ns: int | None = None
+    """From the alive page (read back in the same boot): no write of the session set the
+    source's times later. None when unknown (another boot, or no page)."""
 
     def pack(self, slot_size: int) -> bytes:
         bits = bitarray(self.regions, endian="little")
@@ -103,63 +128,95 @@ def read_intent(path: Path) -> IntentRecord | None:
         return None
     except OSError as e:
         raise CowfsError(f"cannot read the intent record {path}: {e.strerror}") from None
-    slot_size = len(raw) // 2
-    records = [_unpack(raw[i * slot_size : (i + 1) * slot_size]) for i in (0, 1)]
+    slot_size = (len(raw) - PAGE) // 2
+    records = [_unpack(raw[PAGE + i * slot_size : PAGE + (i + 1) * slot_size]) for i in (0, 1)]
     valid = [r for r in records if r is not None]
     if not valid:
         raise CowfsError(f"the intent record {path} is damaged")
-    return max(valid, key=lambda r: r.seq)
+    record = max(valid, key=lambda r: r.seq)
+    magic, boot, session, started, ended = ALIVE.unpack_from(raw)
+    if magic == ALIVE_MAGIC and boot == boot_id() and session.hex() == record.session:
+        record.written_before_ns = started or ended
+    return record
+
+
+def boot_id() -> bytes:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return uuid.UUID(f.read().strip()).bytes
 
 
 class IntentFile:
-    """The open intent file of a serving mount. Blocking: call it from a worker thread."""
+    """The open intent file of a serving mount. `write` blocks (call it from a worker
+    thread); the rest belongs to the loop that writes the source."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd: int | None = None
-        self.slot_size = 0
+        self.alive: memoryview | None = None
+        """The alive page as 8-byte words (STARTED, ENDED); None without a file."""
+        self._fd: int | None = None
+        self._slot_size = 0
+        self._map: mmap.mmap | None = None
+        self._next: tuple[int, int, mmap.mmap] | None = None
+        """A new file, written in the thread, that `adopt` takes over in the loop."""
 
     def write(self, record: IntentRecord) -> None:
         """Make `record` durable: in the slot its seq selects, or in a new file when it
-        does not fit (or there is no file yet)."""
+        does not fit (or there is no file yet). Then call `adopt` from the loop."""
         need = HEADER.size + (len(record.regions) + 7) // 8 + DIGEST
-        if self.fd is None or need > self.slot_size:
+        if self._fd is None or need > self._slot_size:
             self._replace(record)
             return
-        slot = record.pack(self.slot_size)
-        os.pwrite(self.fd, slot, (record.seq % 2) * self.slot_size)
-        os.fdatasync(self.fd)
+        slot = record.pack(self._slot_size)
+        os.pwrite(self._fd, slot, PAGE + (record.seq % 2) * self._slot_size)
+        os.fdatasync(self._fd)
 
     def _replace(self, record: IntentRecord) -> None:
         slot_size = slot_size_for(len(record.regions))
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            alive = ALIVE.pack(
+                ALIVE_MAGIC, boot_id(), bytes.fromhex(record.session), 0, time.time_ns()
+            )
             slots = [bytes(slot_size), bytes(slot_size)]  # both allocated now, not later
             slots[record.seq % 2] = record.pack(slot_size)
-            os.pwrite(fd, b"".join(slots), 0)
+            os.pwrite(fd, alive.ljust(PAGE, b"\0") + b"".join(slots), 0)
             os.fsync(fd)
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
+            self._next = (fd, slot_size, mmap.mmap(fd, PAGE))
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        self.close()
-        self.fd, self.slot_size = fd, slot_size
 
-    def remove(self) -> None:
-        """Take the record away for good (durably): after a crash, no recovery from it."""
+    def adopt(self) -> None:
+        """Take over a file `write` made: the alive page's times go along (writes may have
+        set them in the old page meanwhile)."""
+        if self._next is None:
+            return
+        fd, slot_size, new_map = self._next
+        self._next = None
+        new_words = memoryview(new_map).cast("Q")
+        if self.alive is not None:
+            new_words[STARTED], new_words[ENDED] = self.alive[STARTED], self.alive[ENDED]
         self.close()
-        remove_intent(self.path)
+        self._fd, self._slot_size, self._map, self.alive = fd, slot_size, new_map, new_words
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.alive is not None:
+            self.alive.release()
+            self.alive = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def remove_intent(path: Path) -> None:
+    """Take the record away for good (durably): after a crash, no recovery from it."""
     try:
         path.unlink()
     except FileNotFoundError:

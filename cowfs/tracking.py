@@ -44,7 +44,17 @@ from bitarray import bitarray
 from bitarray.util import zeros
 
 from .bitmap import BitmapStore
-from .intent import REGION_SIZE, SAVE_PERIOD_S, IntentFile, IntentRecord, intent_path
+from .intent import (
+    ENDED,
+    REGION_SIZE,
+    SAVE_PERIOD_S,
+    STARTED,
+    WRITE_BOUND_NS,
+    IntentFile,
+    IntentRecord,
+    intent_path,
+    remove_intent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +131,11 @@ class ChangeTracker:
         return self._safe[first] if first == last else self._safe[first : last + 1].all()
 
     def mark(self, offset: int, length: int) -> None:
-        """Record a change in every bitmap (and as written since the last snapshot)."""
+        """Record a change about to reach the source in every bitmap (and as written since
+        the last snapshot); `written` once it has, whether it failed or not."""
+        alive = self._intent.alive
+        if alive is not None:
+            alive[STARTED] = time.time_ns() + WRITE_BOUND_NS
         if length <= 0:
             return
         self.store.mark(offset, length)
@@ -129,6 +143,11 @@ class ChangeTracker:
         self._fit(last + 1)
         self._touched[first : last + 1] = 1
         self._writes += 1
+
+    def written(self) -> None:
+        alive = self._intent.alive
+        if alive is not None:
+            alive[ENDED], alive[STARTED] = time.time_ns(), 0
 
     def _fit(self, nregions: int) -> None:
         for bits in (self._want, self._safe, self._touched):
@@ -155,6 +174,7 @@ class ChangeTracker:
             except OSError as e:
                 await self._fail(f"its intent record could not be written ({e.strerror})")
                 return
+            self._intent.adopt()
             self._safe = record.regions.copy()
             self._fit(len(self._want))
             self._safe_limit = record.size_limit
@@ -171,8 +191,9 @@ class ChangeTracker:
         self.store.distrust(f"change tracking failed: {reason}")
         log.error("change tracking of %s failed: %s", self.store.source, reason)
         self._safe.setall(0)
+        self._intent.close()
         try:
-            await trio.to_thread.run_sync(self._intent.remove)
+            await trio.to_thread.run_sync(remove_intent, self._intent.path)
         except OSError as e:
             log.critical(
                 "cannot remove the intent record of %s (%s): if the daemon dies before its "
