@@ -140,8 +140,12 @@ class ChangeTracker:
             return
         self.store.mark(offset, length)
         first, last = offset // self.region_size, (offset + length - 1) // self.region_size
-        self._fit(last + 1)
-        self._touched[first : last + 1] = 1
+        if last >= len(self._touched):
+            self._fit(last + 1)
+        if first == last:
+            self._touched[first] = 1
+        else:
+            self._touched[first : last + 1] = 1
         self._writes += 1
 
     def written(self) -> None:
@@ -162,11 +166,7 @@ class ChangeTracker:
             return
         self._writing = done = trio.Event()
         try:
-            self._seq += 1
-            record = IntentRecord(
-                self.session, self._seq, time.time_ns() + LEASE_NS,
-                self.region_size, self._limit, self._want.copy(),
-            )  # fmt: skip
+            record = self._record()
             self._safe &= record.regions  # old or new may be on disk until it is durable
             self._safe_limit = min(self._safe_limit, record.size_limit)
             try:
@@ -183,6 +183,13 @@ class ChangeTracker:
         finally:
             self._writing = None
             done.set()
+
+    def _record(self) -> IntentRecord:
+        self._seq += 1
+        return IntentRecord(
+            self.session, self._seq, time.time_ns() + LEASE_NS,
+            self.region_size, self._limit, self._want.copy(),
+        )  # fmt: skip
 
     async def _fail(self, reason: str) -> None:
         """Change tracking failed: no bitmap is trusted, and no record may outlive this
@@ -221,7 +228,9 @@ class ChangeTracker:
                     return True
             if not await self._write_bitmaps(None):
                 return False
-            if self.tracking and (self._want & ~self._touched).any():
+            if self.tracking and self._intent.alive is None:
+                await self._commit()  # the file now: first writes then pay one fdatasync
+            elif self.tracking and (self._want & ~self._touched).any():
                 self._want &= self._touched
                 self._limit = os.fstat(self.fd).st_size
                 await self._commit()
@@ -240,9 +249,13 @@ class ChangeTracker:
 
     def arm(self) -> None:
         """Before the mount serves: the bitmap file names this session (and holds what a
-        recovery added), so that a crash from now on recovers from this session's record."""
+        recovery added), so that a crash from now on recovers from this session's record,
+        which is made now too (an error here fails the mount: nothing is served yet)."""
         if self.store.bitmaps:
             self.store.write(self.store.snapshot(os.getpid(), self.session, os.fstat(self.fd)))
+            self._intent.write(self._record())
+            self._intent.adopt()
+            self._lease_ok = 0  # the record's lease is for a session that serves nothing yet
 
     def close(self) -> None:
         """After the mount served its last request: a clean end, no intent needed."""

@@ -50,9 +50,18 @@ Per repetition (medians over `--repeat`):
       `elapsed_s` from status (+fsync), against QEMU's incremental job of the same dirty
       set in the same repetition (as in (e)), and against (e)'s mount -> finish when (e)
       ran too; then `cowfs unmount`. Both backups must equal the source as it was.
+  (k) crash-safe change tracking (issue 9): the writes of (b) through a mount with no
+      job, once with no bitmap (no tracking) and once with one (every write marks it,
+      the first write into a region waits for its intent record, saves every 10 s),
+      back to back in each repetition; then what a crash leaves: (h)'s dirty writes
+      through a mount with a bitmap, kill -9 right after them (default intent regions
+      of 64 MiB, and 1 MiB ones) or once saves cleared the intent, and the recovered
+      bitmap (`cowfs bitmap list` after the crash) against the clusters truly written
+      (the daemon's own bitmap just before the kill). The incremental on a running
+      mount with tracking on is (h).
 
 The table shows medians over `--repeat` and the spread (min-max) of the per-repetition
-ratios. `--phases` picks any of a-h (default all); figures of a `--py-spy` run are not
+ratios. `--phases` picks any of a-h and k (default all); figures of a `--py-spy` run are not
 comparable.
 
 Run as root with the project's venv:  .venv/bin/python scripts/bench.py
@@ -84,6 +93,7 @@ from cowfs.bitmap import store_path
 from cowfs.claims import claim_file
 from cowfs.control import read_status, send_command
 from cowfs.errors import CowfsError
+from cowfs.intent import intent_path
 from cowfs.record import FINAL_STATES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +103,7 @@ RSS_SOURCE_SIZE = 1 << 40
 RSS_LIMIT_MIB = 100
 POLL_S = 0.1
 """Status polling interval, as the anchor polls QMP: cheap for the daemon (one control read)."""
-PHASES = "abcdefgh"
+PHASES = "abcdefghk"
 DIRTY_BS = 64 << 10
 """(e) dirties whole 64K clusters: cowfs's default cluster and bitmap granularity, QEMU's too."""
 BITMAP = "bench"
@@ -245,8 +255,8 @@ class ServingMount(CowfsMount):
     and end on it by command. `teardown()` cancels what still runs and unmounts, then
     falls back on CowfsMount's (lazy unmount, SIGKILL) for a file still open."""
 
-    def __init__(self, source: Path, mountpoint: Path) -> None:
-        super().__init__(source, mountpoint, None)
+    def __init__(self, source: Path, mountpoint: Path, *options: str) -> None:
+        super().__init__(source, mountpoint, None, *options)
 
     def log_tail(self) -> str:
         try:
@@ -280,8 +290,8 @@ class ServingMount(CowfsMount):
 
 
 @contextmanager
-def serving_mount(source: Path, mnt: Path) -> Iterator[ServingMount]:
-    m = ServingMount(source, mnt)
+def serving_mount(source: Path, mnt: Path, *options: str) -> Iterator[ServingMount]:
+    m = ServingMount(source, mnt, *options)
     try:
         m.start()
         yield m
@@ -438,8 +448,8 @@ class Bench:
     def prepare(self) -> None:
         log(f"creating the {self.a.size / MiB:g} MiB source image (seed {self.a.seed})")
         qb.make_source_image(str(self.pristine), self.a.size, self.a.seed)
-        if not {"a", "b"} & set(self.a.phases):
-            return  # only (a) and (b) check a source against its expected image
+        if not {"a", "b", "k"} & set(self.a.phases):
+            return  # only (a), (b) and (k) check a source against its expected image
         for bs in self.a.bs:
             p = self.wd / f"expected_{bs}.raw"
             qb.sparse_copy(str(self.pristine), str(p))
@@ -458,6 +468,7 @@ class Bench:
             Path(str(p) + ".cowfs.json").unlink(missing_ok=True)
             Path(str(p) + ".cowfs.log").unlink(missing_ok=True)
             store_path(p).unlink(missing_ok=True)
+            intent_path(p).unlink(missing_ok=True)
 
     def profile_path(self, tag: str) -> Path | None:
         return Path(self.a.py_spy) / f"{tag}.txt" if self.a.py_spy else None
@@ -662,9 +673,7 @@ class Bench:
 
     def dirty_bytes(self, src: Path) -> int:
         """`cowfs bitmap list`: what the incremental will copy, as QEMU's dirty count."""
-        argv = [*COWFS, "bitmap", "list", str(src), "--json"]
-        done = subprocess.run(argv, capture_output=True, text=True, check=True)
-        return next(b["dirty_bytes"] for b in json.loads(done.stdout) if b["name"] == BITMAP)
+        return next(b["dirty_bytes"] for b in self.bitmap_rows(src) if b["name"] == BITMAP)
 
     # -- (f) compressed full backup ------------------------------------------------------
 
@@ -854,6 +863,64 @@ class Bench:
             "job_plus_fsync_s": round(job["elapsed_s"] + fsync_s, 4),
         }
 
+    # -- (k) crash-safe change tracking ------------------------------------------------------
+
+    def tracking(self, bs: int) -> dict[str, Any]:
+        """The writer through an idle mount without a bitmap, then with one."""
+        out: dict[str, Any] = {}
+        for tag in ("untracked", "tracked"):
+            src = self.fresh(f"k_{tag}.raw")
+            try:
+                if tag == "tracked":
+                    run_cowfs("bitmap", "add", str(src), BITMAP).check_returncode()
+                with serving_mount(src, self.mnt) as m:
+                    with writer(m.live, self.workload(bs), self.wd, f"k_{tag}_{bs}") as w:
+                        w.go()
+                        out[tag], _ = w.wait()
+                    out[f"{tag}_status"] = m.status()["images"][0]["tracking"]
+                    out[f"{tag}_unmount_ok"] = m.unmount() == 0
+                out[f"{tag}_source_check"] = qb.compare_files(str(src), str(self.expected[bs]))
+            finally:
+                self.rm(src)
+        return out
+
+    def crash_superset(self, pct: float, region: str, quiet: bool) -> dict[str, Any]:
+        """(h)'s dirty writes, kill -9 (with `quiet`, once saves have cleared the intent:
+        about two save periods): the recovered bitmap vs the daemon's precise one just
+        before the kill."""
+        src = self.fresh("k_crash.raw")
+        period = 1.0
+        try:
+            run_cowfs("bitmap", "add", str(src), BITMAP).check_returncode()
+            opts = ("--intent-region", region, "--save-period", str(period))
+            with serving_mount(src, self.mnt, *opts) as m:
+                qb.run_workload(str(m.live), self.dirty_workload(pct))
+                image = m.status()["images"][0]
+                if quiet:
+                    cleared = lambda: m.status()["images"][0]["tracking"]["intent_regions"] == 0  # noqa: E731
+                    if not wait_for(cleared, 30 * period, POLL_S):
+                        raise TimeoutError("the intent was not cleared after the writes")
+                    image = m.status()["images"][0]
+                truly = next(b["dirty_bytes"] for b in image["bitmaps"] if b["name"] == BITMAP)
+                os.kill(m.pid, signal.SIGKILL)
+                if not wait_for(lambda: pid_gone(m.pid), 30):
+                    raise TimeoutError("the killed daemon did not go")
+                wait_for(lambda: not is_mounted(self.mnt), 10)
+            row = next(b for b in self.bitmap_rows(src) if b["name"] == BITMAP)
+            return {
+                "truly_dirty_mib": truly / MiB,
+                "recovered_mib": row["dirty_bytes"] / MiB,
+                "recovered_ok": bool(row["consistent"]) and row["dirty_bytes"] >= truly,
+            }
+        finally:
+            self.rm(src)
+
+    def bitmap_rows(self, src: Path) -> list[dict[str, Any]]:
+        argv = [*COWFS, "bitmap", "list", str(src), "--json"]
+        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+        rows: list[dict[str, Any]] = json.loads(done.stdout)
+        return rows
+
     # -- driver ------------------------------------------------------------------------------
 
     def repetition(self, rep: int) -> dict[str, Any]:
@@ -907,6 +974,18 @@ class Bench:
                 log(f"{n} (h) {pct:g}% dirty: running mount, full --bitmap, writes, incremental")
                 h = {"qemu": q, "cowfs": self.incremental_on_mount(pct)}
                 r.setdefault("h", {})[f"{pct:g}%"] = h
+        for bs in self.a.bs if "k" in ph else []:
+            with timed("k"):
+                log(f"{n} (k) bs={bs}: idle mount without and with a bitmap")
+                r.setdefault("k", {})[bs] = self.tracking(bs)
+        for pct in self.a.dirty if "k" in ph else []:
+            with timed("k"):
+                log(f"{n} (k) {pct:g}% dirty: kill -9, the recovered bitmap")
+                r.setdefault("k", {})[f"{pct:g}%"] = {
+                    "64M": self.crash_superset(pct, "64M", quiet=False),
+                    "1M": self.crash_superset(pct, "1M", quiet=False),
+                    "quiet": self.crash_superset(pct, "64M", quiet=True),
+                }
         return r
 
 
@@ -1046,6 +1125,24 @@ def _rows(sizes: list[int], dirty: list[float]) -> list[tuple[str, str, str, str
             (f"(h) {p} inc vs (e) mount->finish", f"{h}.cowfs.inc.cli_plus_fsync_s",
              f"e.{p}.cowfs.inc.with_mount_s", "s", ""),
         ]  # fmt: skip
+    for bs in sizes:
+        k, b = f"k.{bs}", f"{bs // 1024}K"
+        rows += [
+            (f"(k) {b} tracked vs untracked", f"{k}.tracked.mib_s", f"{k}.untracked.mib_s",
+             "MiB/s", ">=0.97"),
+            (f"(k) {b} p99 tracked vs untracked", f"{k}.tracked.lat_us.p99",
+             f"{k}.untracked.lat_us.p99", "us", ""),
+        ]  # fmt: skip
+    for pct in dirty:
+        k, p = f"k.{pct:g}%", f"{pct:g}%"
+        rows += [
+            (f"(k) {p} crash, 64M regions", f"{k}.64M.recovered_mib",
+             f"{k}.64M.truly_dirty_mib", "MiB", ""),
+            (f"(k) {p} crash, 1M regions", f"{k}.1M.recovered_mib",
+             f"{k}.1M.truly_dirty_mib", "MiB", ""),
+            (f"(k) {p} crash after 2 saves", f"{k}.quiet.recovered_mib",
+             f"{k}.quiet.truly_dirty_mib", "MiB", ""),
+        ]  # fmt: skip
     return rows
 
 
@@ -1151,9 +1248,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "e.g. 0: on these VMs a FUSE round trip between two CPUs costs ~40 us more "
         "than on one, and the scheduler's choice flips run to run (default: unpinned)",
     )
-    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (default a-h)")
+    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (default a-h,k)")
     p.add_argument(
-        "--dirty", default="1,10", help="(e), (h): percentages of the image dirty (default 1,10)"
+        "--dirty", default="1,10", help="(e), (h), (k): percent of the image dirty (default 1,10)"
     )
     p.add_argument(
         "--barriers", type=int, default=20, help="(g): backups started per block size (default 20)"
@@ -1243,6 +1340,11 @@ def report(result: dict[str, Any], reps: list, args: argparse.Namespace, elapsed
         print(
             "(h) incremental on a running mount: backup --wait (+fsync) as the user waits, "
             "or the job's elapsed_s (+fsync); QEMU: job (+fsync)"
+        )
+    if "k" in args.phases:
+        print(
+            "(k) writes through an idle mount with a bitmap (intent records, saves) vs none; "
+            "crash = the bitmap recovered after kill -9 vs the daemon's precise one"
         )
     print("ratio = cowfs / reference: higher is better for MiB/s, lower for us, ms, s and MiB")
     print("spread = lowest-highest of the per-repetition ratios")
