@@ -322,8 +322,10 @@ def _union(a: bitarray, b: bitarray) -> bitarray:
 
 
 def _outside_change(intent: IntentRecord, stored: list[int], st: os.stat_result) -> str | None:
-    """Why the source cannot be only what the dead mount left, or None. Its writes all
-    came before the record's lease and within its size limit, to the same file."""
+    """Why the source cannot be only what the dead mount left, or None. Its changes all
+    came before the record's lease (and before the alive page's bound) and within its
+    size limit, to the same file. The ctime tells: the mtime can be set at will (also
+    through the mount), the ctime of any change is the time it was made."""
     if [st.st_dev, st.st_ino] != stored[:2]:
         return "the source is another file now"
     if st.st_size > intent.size_limit:
@@ -331,7 +333,7 @@ def _outside_change(intent: IntentRecord, stored: list[int], st: os.stat_result)
     last = intent.lease_ns
     if intent.written_before_ns is not None:
         last = min(last, intent.written_before_ns)
-    if max(st.st_mtime_ns, st.st_ctime_ns) > last:
+    if st.st_ctime_ns > last:  # any change moves it to "now"; nobody can set it back
         return "the source was changed after the mount died (outside cowfs)"
     return None
 

@@ -7,6 +7,8 @@ itself. Knows nothing of FUSE.
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
@@ -75,6 +77,16 @@ class Disk:
                 self.tracker.written()
         finally:
             self.barrier.leave()
+
+    @contextmanager
+    def attributes(self) -> Iterator[int]:
+        """Around a change of the image's mode, owner or times (yields its fd): its ctime
+        moves, and after a crash that must not read as a change outside cowfs."""
+        self.tracker.changing()
+        try:
+            yield self.fd
+        finally:
+            self.tracker.written()
 
     async def scan(self, cluster_size: int) -> DataScan:
         """Which clusters hold data, scanned in a thread while writes go on; end it with

@@ -56,18 +56,19 @@ class ImageNode:
         attrs.st_ctime_ns = st.st_ctime_ns
 
     async def setattr(self, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
-        fd = self.disk.fd
         if fields.update_size:
             await self.disk.truncate(attr.st_size)
-        if fields.update_mode:
-            os.fchmod(fd, stat.S_IMODE(attr.st_mode))
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            os.fchown(fd, uid, attr.st_gid if fields.update_gid else -1)
-        if fields.update_atime or fields.update_mtime:
-            st = os.fstat(fd)
-            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            os.utime(fd, ns=(atime, attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+        with self.disk.attributes() as fd:
+            if fields.update_mode:
+                os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                os.fchown(fd, uid, attr.st_gid if fields.update_gid else -1)
+            if fields.update_atime or fields.update_mtime:
+                st = os.fstat(fd)
+                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                os.utime(fd, ns=(atime, mtime))
 
     async def open(self, flags: int) -> None:
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:

@@ -133,9 +133,7 @@ class ChangeTracker:
     def mark(self, offset: int, length: int) -> None:
         """Record a change about to reach the source in every bitmap (and as written since
         the last snapshot); `written` once it has, whether it failed or not."""
-        alive = self._intent.alive
-        if alive is not None:
-            alive[STARTED] = time.time_ns() + WRITE_BOUND_NS
+        self.changing()
         if length <= 0:
             return
         self.store.mark(offset, length)
@@ -147,6 +145,13 @@ class ChangeTracker:
         else:
             self._touched[first : last + 1] = 1
         self._writes += 1
+
+    def changing(self) -> None:
+        """Before any change of the source that moves its ctime (data, size, mode, owner,
+        times): the alive page says a change of ours runs; `written` after it."""
+        alive = self._intent.alive
+        if alive is not None:
+            alive[STARTED] = time.time_ns() + WRITE_BOUND_NS
 
     def written(self) -> None:
         alive = self._intent.alive
