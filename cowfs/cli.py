@@ -349,6 +349,16 @@ def _wait_for_job(mountpoint: Path, job_id: int) -> dict:
             time.sleep(POLL_S)
 
 
+def _tracking(t: dict[str, Any]) -> str:
+    if t["failed"]:
+        return f"failed ({t['failed']}); the next save retries"
+    return (
+        f"{t['intent_regions']} intent region(s) of {format_bytes(t['intent_region'])} "
+        f"marked; bitmaps saved every {t['save_period']:g} s while writes come "
+        f"({t['saves']} saves, {t['intent_writes']} intent writes)"
+    )
+
+
 def _status(args: argparse.Namespace) -> int:
     st = read_status(args.mountpoint)
     if args.json:
@@ -359,8 +369,11 @@ def _status(args: argparse.Namespace) -> int:
     for image in st["images"]:
         print(f"image: {image['name']}  <-  {image['source']}, {format_bytes(image['size'])}")
         for b in image["bitmaps"]:
-            state = "consistent" if b["consistent"] else f"inconsistent: {b['reason']}"
-            print(f"  bitmap {b['name']}: {state}, dirty {format_bytes(b['dirty_bytes'])}")
+            print(
+                f"  bitmap {b['name']}: {_bitmap_state(b)}, dirty {format_bytes(b['dirty_bytes'])}"
+            )
+        if image["bitmaps"]:
+            print(f"  change tracking: {_tracking(image['tracking'])}")
     for job in st["jobs"]:
         _print_job(job)
     return EXIT_OK
@@ -539,17 +552,22 @@ def _bitmap_through_mount(source: Path, args: argparse.Namespace, granularity: i
     return EXIT_OK
 
 
+def _bitmap_state(row: dict[str, Any]) -> str:
+    state = "consistent" if row["consistent"] else f"inconsistent: {row['reason']}"
+    if row["recovered"]:
+        grew = format_bytes(row["recovered"]["grew_bytes"])
+        state += f", recovered after a crash of pid {row['recovered']['pid']}, grew by {grew}"
+    return state
+
+
 def _bitmap_list(rows: list[dict[str, Any]], as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for row in rows:
-        state = "consistent" if row["consistent"] else f"inconsistent: {row['reason']}"
+        state = _bitmap_state(row)
         if row["in_use_by"]:
             state += f" (in use by pid {row['in_use_by']})"
-        if row.get("recovered"):
-            grew = format_bytes(row["recovered"]["grew_bytes"])
-            state += f"; recovered after a crash of pid {row['recovered']['pid']}, grew by {grew}"
         print(
             f"{row['name']}: {state}; granularity {format_bytes(row['granularity'])}, "
             f"dirty {format_bytes(row['dirty_bytes'])} ({row['dirty_clusters']} clusters)"

@@ -260,6 +260,7 @@ class ChangeTracker:
             self.store.write(self.store.snapshot(os.getpid(), self.session, os.fstat(self.fd)))
             self._intent.write(self._record())
             self._intent.adopt()
+            self.intent_writes += 1
             self._lease_ok = 0  # the record's lease is for a session that serves nothing yet
 
     def close(self) -> None:
