@@ -13,15 +13,15 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import VERSION
+from .bars import bytes_bar
 from .bitmap import BitmapStore, bitmap_rows
 from .chain import links
 from .claims import image_entry
-from .control import is_mounted, read_status, send_command
+from .control import is_mounted, read_status, request, send_command
 from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, CowfsError
 from .intent import SAVE_PERIOD_S
 from .options import JobOptions, SyncMode
@@ -32,7 +32,6 @@ from .target import FORMATS
 from .units import format_bytes, parse_seconds, parse_size
 
 PROGRESS_S = 0.5
-POLL_S = 0.2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -327,26 +326,24 @@ def _per_image(values: list[str], images: list[str], option: str) -> dict[str, P
 
 
 def _wait_for_job(mountpoint: Path, job_id: int) -> dict:
-    """Poll until every job of `job_id` has ended (a progress bar on a terminal)."""
-    from tqdm import tqdm
-
-    with tqdm(
-        desc=f"job {job_id}",
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        disable=not sys.stderr.isatty(),
-    ) as bar:
+    """Until every job of `job_id` has ended, its record written: the daemon answers a
+    `wait` as soon as that happens (or after PROGRESS_S, for a progress bar on a
+    terminal), so a short job returns as soon as it is done, not at the next poll."""
+    tty = sys.stderr.isatty()
+    bar = bytes_bar(f"job {job_id}") if tty else None
+    try:
         while True:
-            st = read_status(mountpoint)
+            st = request(mountpoint, "wait", job=job_id, timeout=PROGRESS_S if tty else 10.0)
             jobs = [job for job in st["jobs"] if job["id"] == job_id]
-            bar.total = sum(job["bytes_total"] for job in jobs)
-            bar.n = sum(job["bytes_done"] for job in jobs)
-            bar.refresh()
+            if bar is not None:
+                bar.total = sum(job["bytes_total"] for job in jobs)
+                bar.n = sum(job["bytes_done"] for job in jobs)
+                bar.refresh()
             if all(job["state"] in FINAL_STATES for job in jobs):
                 return st
-            time.sleep(POLL_S)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _tracking(t: dict[str, Any]) -> str:
@@ -605,11 +602,7 @@ def _wait_for_exit(mountpoint: Path, status: dict) -> None:
         if not sys.stderr.isatty():
             select.select([pidfd], [], [])
             return
-        from tqdm import tqdm
-
-        with tqdm(
-            desc="finishing", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
-        ) as bar:
+        with bytes_bar("finishing") as bar:
             while not select.select([pidfd], [], [], PROGRESS_S)[0]:
                 try:
                     status = read_status(mountpoint)

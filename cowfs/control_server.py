@@ -26,6 +26,8 @@ from .registry import Registry
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 << 10
+WAIT_MAX_S = CLIENT_TIMEOUT_S / 2
+"""The longest a `wait` request holds its answer back: well within the client's timeout."""
 
 
 def listen(path: Path) -> socket.socket:
@@ -78,6 +80,10 @@ class ControlServer:
                     raise CowfsError(f"job {group.id} has ended: there is no copier")
                 for job in group.jobs:
                     job.set_speed(request["speed"])
+            case "wait" if _seconds(request.get("timeout")):
+                group = registry.find(request.get("job"))
+                with trio.move_on_after(request["timeout"]):  # then a progress report
+                    await group.ended.wait()
             case "bitmap":
                 await registry.bitmap_command(
                     request["image"],
@@ -117,6 +123,10 @@ class ControlServer:
                 reply = {"ok": False, "error": f"internal error: {e!r}"}
             with contextlib.suppress(OSError, trio.BrokenResourceError):
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+def _seconds(value: Any) -> bool:
+    return isinstance(value, int | float) and 0 <= value <= WAIT_MAX_S
 
 
 def _each(group: Group, state: JobState, action: str, wanted: str) -> None:

@@ -1,10 +1,9 @@
-"""The live progress bar of a foreground mount on a terminal (tqdm does the drawing)."""
-
-import sys
+"""The live progress bar of a foreground mount on a terminal."""
 
 import trio
 from tqdm import tqdm
 
+from .bars import bytes_bar
 from .job import Job
 
 REFRESH_S = 0.5
@@ -13,14 +12,7 @@ REFRESH_S = 0.5
 async def show_progress(job: Job) -> None:
     """Redraw until cancelled; the bar shows bytes done of the bytes the sync mode selects."""
     name = job.source.rsplit("/", 1)[-1]
-    with tqdm(
-        desc=f"backup {name}",
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    ) as bar:
+    with bytes_bar(f"backup {name}") as bar:
         try:
             while True:
                 _draw(bar, job)
