@@ -18,17 +18,11 @@ from typing import Any, NoReturn
 
 from . import VERSION
 from .bars import bytes_bar
-from .bitmap import BitmapStore, bitmap_rows
-from .chain import links
-from .claims import image_entry
 from .control import is_mounted, read_status, request, send_command
 from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, CowfsError
-from .intent import SAVE_PERIOD_S
-from .options import JobOptions, SyncMode
+from .options import FORMATS, JobOptions, SyncMode
 from .policy import CbwPolicy, SourcePolicy, TargetPolicy
-from .preflight import canonical_target, check_cluster_size, check_source
 from .record import FINAL_STATES, Record, headline, pid_alive, read_record, verdict
-from .target import FORMATS
 from .units import format_bytes, parse_seconds, parse_size
 
 PROGRESS_S = 0.5
@@ -68,9 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--save-period",
         type=float,
-        default=SAVE_PERIOD_S,
         metavar="SECONDS",
-        help="save the bitmaps this often while writes come (bounds what a crash adds)",
+        help="save the bitmaps this often while writes come; bounds what a crash adds "
+        "to them (default 10)",
     )
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached until unmounted")
     m.add_argument("--debug", action="store_true", help="log every step")
@@ -200,7 +194,11 @@ def _intent_region(text: str) -> int:
     return size
 
 
-def _save_period(seconds: float) -> float:
+def _save_period(seconds: float | None) -> float:
+    from .intent import SAVE_PERIOD_S
+
+    if seconds is None:
+        return SAVE_PERIOD_S
     if not 0.1 <= seconds <= 3600:  # also refuses nan
         raise CowfsError(f"bad save period {seconds}: must be from 0.1 to 3600 seconds")
     return seconds
@@ -234,6 +232,8 @@ def _mount(args: argparse.Namespace) -> int:
     )
     code = run_mount(request)
     if args.foreground and first is not None:
+        from .preflight import canonical_target
+
         _print_record(read_record(canonical_target(args.target)))
     return code
 
@@ -255,6 +255,8 @@ def _target_options(
         raise CowfsError("an incremental backup needs --bitmap NAME")
     if sync is SyncMode.NONE and args.bitmap:
         raise CowfsError("--bitmap goes with --sync full, top or incremental")
+    from .preflight import check_cluster_size
+
     options = JobOptions(
         sync=sync,
         cluster_size=check_cluster_size(parse_size(args.cluster_size, "cluster size")),
@@ -472,6 +474,8 @@ def _speed_text(speed: int) -> str:
 def _info(args: argparse.Namespace) -> int:
     """Exit 0 only if the target and every link of its backing chain are complete: a
     complete incremental over a broken link restores wrong data."""
+    from .chain import links
+
     target = args.target.absolute()
     record = read_record(target)
     below = list(links(target))[1:]
@@ -496,6 +500,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bitmap(args: argparse.Namespace) -> int:
+    from .bitmap import BitmapStore, bitmap_rows
+    from .preflight import check_cluster_size, check_source
+
     source = args.source.absolute()
     check_source(source)
     fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
@@ -530,6 +537,9 @@ def _bitmap(args: argparse.Namespace) -> int:
 
 def _bitmap_through_mount(source: Path, args: argparse.Namespace, granularity: int | None) -> int:
     """A bitmap command for an image a mount serves, run by that mount's daemon."""
+    from .bitmap import BitmapStore, bitmap_rows
+    from .claims import image_entry
+
     try:
         mountpoint = Path(image_entry(source).read_text())
     except OSError:  # a daemon that is not a mount's (or going away): the file is the truth

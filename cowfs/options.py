@@ -9,6 +9,9 @@ from dataclasses import dataclass, fields
 
 from .policy import CbwPolicy, SourcePolicy, TargetPolicy
 
+FORMATS = ("raw", "qcow2")
+"""The target formats (target/ implements them)."""
+
 
 class SyncMode(enum.StrEnum):
     FULL = "full"

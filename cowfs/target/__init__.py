@@ -3,10 +3,9 @@
 from pathlib import Path
 from typing import Protocol
 
+from ..options import FORMATS
 from .qcow2 import Qcow2Target
 from .raw import RawTarget
-
-FORMATS = ("raw", "qcow2")
 
 
 class Target(Protocol):
