@@ -55,6 +55,9 @@ class DirtyBitmap:
     """Why the bitmap cannot be trusted (when not consistent)."""
     before_job: bitarray | None = field(default=None, repr=False)
     """The bits a running job started from; merged back if the job fails."""
+    before_reason: str | None = None
+    """Why the bitmap was not to be trusted when the job started (None if it was): a
+    job that fails leaves it untrusted again."""
     new: bool = False
     """Created for the running job: if its job fails, nothing anchors it."""
     anchor: dict | None = None
@@ -84,6 +87,8 @@ class DirtyBitmap:
         bits = _union(self.bits, self.before_job)
         if self.new:
             return bits, False, "the full backup that was to anchor it did not complete"
+        if self.before_reason is not None:
+            return bits, False, self.before_reason
         return bits, self.consistent, self.reason
 
     def recover(self, intent: IntentRecord, pid: int, size: int) -> None:
@@ -277,6 +282,7 @@ class BitmapStore:
             bitmap = self.add(name, granularity, size)
             bitmap.new = True
         bitmap.before_job = bitmap.bits.copy()
+        bitmap.before_reason = None if bitmap.consistent else bitmap.reason
         bitmap.bits.setall(0)
         bitmap.consistent, bitmap.reason = True, None
         return bitmap
@@ -290,7 +296,7 @@ class BitmapStore:
             bitmap.anchor, bitmap.recovered = anchor, None
         elif bitmap.before_job is not None:
             bitmap.bits, bitmap.consistent, bitmap.reason = bitmap.durable_view()
-        bitmap.before_job, bitmap.new = None, False
+        bitmap.before_job, bitmap.before_reason, bitmap.new = None, None, False
 
 
 def bitmap_rows(store: BitmapStore, size: int, in_use_by: int | None) -> list[dict]:
