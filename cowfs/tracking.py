@@ -177,7 +177,7 @@ class ChangeTracker:
             try:
                 await trio.to_thread.run_sync(self._intent.write, record)
             except OSError as e:
-                await self._fail(f"its intent record could not be written ({e.strerror})")
+                self._fail(f"its intent record could not be written ({e.strerror})")
                 return
             self._intent.adopt()
             self._safe = record.regions.copy()
@@ -196,16 +196,17 @@ class ChangeTracker:
             self.region_size, self._limit, self._want.copy(),
         )  # fmt: skip
 
-    async def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str) -> None:
         """Change tracking failed: no bitmap is trusted, and no record may outlive this
-        (a recovery from it would miss the write about to proceed)."""
+        (a recovery from it would miss the write about to proceed). Blocks for an unlink
+        and a directory fsync: rare, and the write must wait for it anyway."""
         self.broken = reason
         self.store.distrust(f"change tracking failed: {reason}")
         log.error("change tracking of %s failed: %s", self.store.source, reason)
         self._safe.setall(0)
         self._intent.close()
         try:
-            await trio.to_thread.run_sync(remove_intent, self._intent.path)
+            remove_intent(self._intent.path)
         except OSError as e:
             log.critical(
                 "cannot remove the intent record of %s (%s): if the daemon dies before its "
@@ -255,13 +256,19 @@ class ChangeTracker:
     def arm(self) -> None:
         """Before the mount serves: the bitmap file names this session (and holds what a
         recovery added), so that a crash from now on recovers from this session's record,
-        which is made now too (an error here fails the mount: nothing is served yet)."""
-        if self.store.bitmaps:
+        which is made now too. If either cannot be written, the mount serves with
+        tracking failed (a crash then finds the old file: its identity check refuses)."""
+        if not self.store.bitmaps:
+            return
+        try:
             self.store.write(self.store.snapshot(os.getpid(), self.session, os.fstat(self.fd)))
             self._intent.write(self._record())
-            self._intent.adopt()
-            self.intent_writes += 1
-            self._lease_ok = 0  # the record's lease is for a session that serves nothing yet
+        except OSError as e:
+            self._fail(f"its bitmaps or intent record could not be written ({e.strerror})")
+            return
+        self._intent.adopt()
+        self.intent_writes += 1
+        self._lease_ok = 0  # the record's lease is for a session that serves nothing yet
 
     def close(self) -> None:
         """After the mount served its last request: a clean end, no intent needed."""
