@@ -94,6 +94,23 @@ def _parser() -> argparse.ArgumentParser:
         help="grouped: no target is complete until all are, one failure cancels the others",
     )
     bk.add_argument("--wait", action="store_true", help="wait for the end; exit 0 iff complete")
+    bk.add_argument(
+        "--view",
+        action="store_true",
+        help="show each image at the point in time as a read-only file (printed); the job "
+        "stays open until `cowfs end`",
+    )
+
+    e = sub.add_parser("end", help="end a job that stays open (a view, --sync none)")
+    e.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    e.add_argument("job", type=int, nargs="?", metavar="JOB", help="default: the running one")
+
+    rl = sub.add_parser("release", help="a view's reader is past a range: free it")
+    rl.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    rl.add_argument("job", type=int, metavar="JOB")
+    rl.add_argument("offset", metavar="OFFSET", help="bytes, with K/M/G suffixes")
+    rl.add_argument("length", metavar="LENGTH", help="bytes, with K/M/G suffixes")
+    rl.add_argument("--image", help="which image's view (a job of several images)")
 
     s = sub.add_parser("status", help="images, bitmaps and jobs of the mount at MOUNTPOINT")
     s.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
@@ -266,6 +283,7 @@ def _target_options(
         on_cbw_error=CbwPolicy(args.on_cbw_error),
         cbw_timeout=parse_seconds(args.cbw_timeout, "cbw timeout"),
         bitmap=args.bitmap,
+        view=getattr(args, "view", False),  # `backup` only
     )
     return fmt, options
 
@@ -292,7 +310,11 @@ def _backup(args: argparse.Namespace) -> int:
         }
     st = send_command(args.mountpoint, "backup", targets=requests, completion=args.completion)
     job_id = st["started"]
-    print(job_id, flush=True)
+    print(job_id)
+    for job in st["jobs"]:
+        if job["id"] == job_id and job["view"] is not None:
+            print(job["view"])
+    sys.stdout.flush()
     if not args.wait:
         return EXIT_OK
     try:
@@ -396,6 +418,10 @@ def _print_job(job: dict) -> None:
         f"{format_bytes(job['bytes_cbw'])} by copy-before-write"
     )
     print(f"rate: {format_bytes(job['rate'])}/s{eta}, speed limit {_speed_text(job['speed'])}")
+    if job.get("view"):
+        print(f"view: {job['view']} (until `cowfs end`)")
+    if job.get("dirty_extents"):
+        print(f"dirty extents: {job['dirty_extents']}")
     if job.get("last_error"):
         print(f"last error: {job['last_error']}")
 
@@ -417,6 +443,23 @@ def _unmount_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _interrupted(args.mountpoint, st)
     print(f"unmounted {st['mountpoint']}")
+    return EXIT_OK
+
+
+def _end(args: argparse.Namespace) -> int:
+    st = send_command(args.mountpoint, "end", job=args.job)
+    records = [read_record(Path(job["target"])) for job in st["jobs"] if job["id"] == st["ended"]]
+    for record in records:
+        _print_record(record)
+    return EXIT_OK if all(verdict(r) == "complete" for r in records) else EXIT_INCOMPLETE
+
+
+def _release(args: argparse.Namespace) -> int:
+    offset, length = parse_size(args.offset, "offset"), parse_size(args.length, "length")
+    st = send_command(
+        args.mountpoint, "release", job=args.job, image=args.image, offset=offset, length=length
+    )
+    print(f"released {format_bytes(length)} at {offset}; freed {format_bytes(st['freed'])}")
     return EXIT_OK
 
 
@@ -665,6 +708,8 @@ _COMMANDS = {
     "status": _status,
     "finish": _finish,
     "cancel": _cancel,
+    "end": _end,
+    "release": _release,
     "pause": _pause,
     "resume": _resume,
     "set-speed": _set_speed,

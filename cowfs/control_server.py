@@ -62,6 +62,14 @@ class ControlServer:
             case "backup":
                 group = await registry.backup(_requests(request), _completion(request))
                 return registry.status() | {"started": group.id}
+            case "end":
+                group = await registry.end(request.get("job"))
+                return registry.status() | {"ended": group.id}
+            case "release" if _range(request):
+                freed = await registry.release(
+                    request["job"], request.get("image"), request["offset"], request["length"]
+                )
+                return registry.status() | {"freed": freed}
             case "cancel":
                 group = registry.find(request.get("job"))
                 if not group.running:
@@ -123,6 +131,11 @@ class ControlServer:
                 reply = {"ok": False, "error": f"internal error: {e!r}"}
             with contextlib.suppress(OSError, trio.BrokenResourceError):
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+def _range(request: dict[str, Any]) -> bool:
+    fields = (request.get("job"), request.get("offset"), request.get("length"))
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in fields)
 
 
 def _seconds(value: Any) -> bool:

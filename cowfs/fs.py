@@ -1,7 +1,7 @@
 """The FUSE operations: pyfuse3 over node objects, behind one typed error boundary.
 
-The mount's root lists its nodes (today the images, named like their sources;
-views will be nodes too) and nothing else: job control is a socket outside the
+The mount's root lists its images, named like their sources, and `.views` while
+a view is open (viewtree.py), nothing else: job control is a socket outside the
 mount, so no image name can shadow it. A node answers for its own attributes and
 I/O; every mutating operation of an image goes through its Disk (barrier,
 copy-before-write, bitmaps). Handlers raise OSError with an errno for what a
@@ -22,10 +22,12 @@ from typing import Any
 import pyfuse3
 import trio
 
+from . import viewtree
 from .busypoll import BusyPoller
 from .disk import Disk
 from .registry import Registry
 from .transfer import read_cached
+from .viewtree import ViewFile, ViewTree
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +123,10 @@ class LiveFS(pyfuse3.Operations):
             for i, disk in enumerate(registry.disks.values())
         }
         self.names = {node.name: node for node in self.nodes.values()}
-        self.handles: dict[int, ImageNode] = {}
-        self.next_fh = 1
         self.created_ns = time.time_ns()
+        self.views = ViewTree(registry.views, self.created_ns)
+        self.handles: dict[int, ImageNode | ViewFile] = {}
+        self.next_fh = 1
 
     def _node(self, inode: int) -> ImageNode:
         try:
@@ -141,6 +144,8 @@ class LiveFS(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | 0o755
             attrs.st_nlink = 2
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.created_ns
+        elif self.views.owns(inode):
+            self.views.attrs(inode, attrs)
         else:
             self._node(inode).attrs(attrs)
         return attrs
@@ -151,6 +156,10 @@ class LiveFS(pyfuse3.Operations):
             return self._attrs(self.names[name].inode)
         if parent_inode == ROOT and name == b"..":
             return self._attrs(ROOT)
+        if parent_inode == ROOT and name == viewtree.NAME and self.views.shown():
+            return self._attrs(viewtree.DIR)
+        if self.views.owns(parent_inode):
+            return self._attrs(self.views.lookup(parent_inode, name))
         raise _error(errno.ENOENT)
 
     @_boundary
@@ -161,6 +170,8 @@ class LiveFS(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         if inode == ROOT:
             raise _error(errno.EPERM)
+        if self.views.owns(inode):
+            raise _error(errno.EROFS)
         await self._node(inode).setattr(attr, fields)
         return self._attrs(inode)
 
@@ -179,12 +190,18 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode, flags, ctx):
-        node = self._node(inode)
-        await node.open(flags)
+        handle: ImageNode | ViewFile
+        if self.views.owns(inode):
+            if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+                raise _error(errno.EROFS)
+            handle = self.views.file(inode)
+        else:
+            handle = self._node(inode)
+            await handle.open(flags)
+            self.registry.open_files += 1
         fh = self.next_fh
         self.next_fh += 1
-        self.handles[fh] = node
-        self.registry.open_files += 1
+        self.handles[fh] = handle
         return pyfuse3.FileInfo(fh=fh)
 
     @_boundary
@@ -195,11 +212,19 @@ class LiveFS(pyfuse3.Operations):
     @_boundary
     async def write(self, fh, off, buf):
         self.poller.request_seen()
-        return await self.handles[fh].write(off, buf)
+        return await self._image_handle(fh).write(off, buf)
 
     @_boundary
     async def fsync(self, fh, datasync):
-        await self.handles[fh].fsync(datasync)
+        handle = self.handles[fh]
+        if isinstance(handle, ImageNode):
+            await handle.fsync(datasync)
+
+    def _image_handle(self, fh: int) -> ImageNode:
+        handle = self.handles[fh]
+        if not isinstance(handle, ImageNode):
+            raise _error(errno.EROFS)
+        return handle
 
     @_boundary
     async def flush(self, fh):
@@ -207,22 +232,31 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh):
-        del self.handles[fh]
-        self.registry.open_files -= 1
+        if isinstance(self.handles.pop(fh), ImageNode):
+            self.registry.open_files -= 1
 
     # -- the root directory -------------------------------------------------------
 
     @_boundary
     async def opendir(self, inode, ctx):
-        if inode != ROOT:
-            raise _error(errno.ENOTDIR)
-        return ROOT
+        if inode == ROOT:
+            return ROOT
+        if self.views.owns(inode):
+            self.views.entries(inode)  # ENOTDIR, or ENOENT once gone
+            return inode
+        raise _error(errno.ENOTDIR)
 
     @_boundary
     async def readdir(self, fh, start_id, token):
-        for inode, node in self.nodes.items():
+        if fh == ROOT:
+            entries = [(inode, node.name) for inode, node in self.nodes.items()]
+            if self.views.shown():
+                entries.append((viewtree.DIR, viewtree.NAME))
+        else:
+            entries = self.views.entries(fh)
+        for inode, name in entries:  # inodes ascend: start_id says where the last call ended
             if inode > start_id and not pyfuse3.readdir_reply(
-                token, node.name, self._attrs(inode), inode
+                token, name, self._attrs(inode), inode
             ):
                 return
 

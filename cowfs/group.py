@@ -55,8 +55,8 @@ class Group:
 
     async def _run(self, job: Job, unmounted: trio.Event) -> None:
         await copy_in_background(job)
-        if job.options.sync is SyncMode.NONE:  # fleecing collects until the mount ends
-            await _first(unmounted, job.ended)
+        if job.options.sync is SyncMode.NONE or job.options.view:  # until ended or unmounted
+            await _first(unmounted, job.ended, job.end_requested)
             job.unmounted()
         if not await job.flush():
             return

@@ -87,6 +87,10 @@ class Job:
         self.copier_scope = trio.CancelScope()
         self.copier_done = trio.Event()
         self.copier_done_mono: float | None = None
+        self.end_requested = trio.Event()
+        """`cowfs end`: a job that collects until it is ended (sync none, a view) ends."""
+        self.released = bitarray()
+        """Clusters a view's reader released: no longer protected, no longer readable."""
         self.ended = trio.Event()
 
     @property
@@ -133,7 +137,10 @@ class Job:
                 self.selected = needed
             case SyncMode.NONE:
                 needed, self.selected = everything, zeros(len(data))
+        if self.options.view:  # every cluster must stay readable at the point in time
+            needed = everything
         self.copy.reset(size, ~(needed & data))
+        self.released = zeros(len(data))
         self.zeroes = needed & ~data
         if zeroes_now:
             self.write_zeroes()
@@ -250,6 +257,21 @@ class Job:
         """The copier has stopped (all copied, or the job ended); rates stop counting."""
         self.copier_done_mono = time.monotonic()
         self.copier_done.set()
+
+    def release(self, offset: int, length: int) -> int:
+        """A view's reader will not read [offset, offset+length) again (sync none only):
+        its whole clusters need no more copy-before-write and are no longer readable.
+        Returns the clusters newly released; the caller frees their space."""
+        cs = self.cluster_size
+        first = -(-offset // cs)
+        end = min(offset + length, self.size)
+        last = (end // cs - 1) if end < self.size else (self.size - 1) // cs
+        if last < first:
+            return 0
+        fresh = (~self.released[first : last + 1]).count()
+        self.released[first : last + 1] = 1
+        self.copy.done[first : last + 1] = 1  # copy-before-write passes them by
+        return fresh
 
     # -- ending --------------------------------------------------------------
 

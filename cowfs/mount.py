@@ -37,6 +37,9 @@ from .progress import show_progress
 from .record import log_path
 from .registry import Registry
 from .tracking import ChangeTracker
+from .viewtree import NAME as VIEWS_NAME
+
+VIEWS = VIEWS_NAME.decode()
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ def run_mount(req: MountRequest) -> int:
     names = [source.name for source in sources]
     if len(set(names)) < len(names):
         raise CowfsError(f"two images have the same name: {', '.join(sorted(names))}")
+    if VIEWS in names:
+        raise CowfsError(f"an image may not be named {VIEWS}: the mount shows its views there")
     for source in sources:
         preflight.check_source(source)
     preflight.check_mountpoint(mountpoint)

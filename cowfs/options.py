@@ -33,6 +33,9 @@ class JobOptions:
     broken instead (0: no limit)."""
     bitmap: str | None = None
     """The dirty bitmap this job anchors (full, top) or copies (incremental)."""
+    view: bool = False
+    """Show the image at the point in time as a read-only file; the job stays open
+    until ended (`cowfs end`) or cancelled."""
 
     def to_json(self) -> dict:
         """For a backup request on the control socket."""
@@ -49,4 +52,5 @@ class JobOptions:
             on_cbw_error=CbwPolicy(doc["on_cbw_error"]),
             cbw_timeout=float(doc["cbw_timeout"]),
             bitmap=doc["bitmap"],
+            view=bool(doc["view"]),
         )

@@ -25,6 +25,8 @@ from .disk import Disk
 from .errors import CowfsError
 from .group import Completion, Group
 from .job import Job, JobState
+from .options import SyncMode
+from .view import DIRTY_SUFFIX, View, view_path
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class Registry:
         """Groups whose cancel also removes the mount (the job of `mount --target`)."""
         self._claims: dict[Job, Claim] = {}
         self._disk_of: dict[Job, Disk] = {}
+        self._views: dict[Job, View] = {}
         self._starting: set[str] = set()
         self._nursery: trio.Nursery | None = None
 
@@ -80,6 +83,8 @@ class Registry:
         for p in prepared:
             self._claims[p.job] = p.claim
             self._disk_of[p.job] = p.disk
+            if p.job.options.view:
+                self._views[p.job] = View(p.job, p.disk.name)
         self.groups[group_id] = group
         self._nursery.start_soon(group.run, self.unmounted)
         return group
@@ -197,6 +202,52 @@ class Registry:
         ids = ", ".join(str(g.id) for g in running)
         raise CowfsError(f"several jobs run ({ids}): name one")
 
+    # -- views and jobs that collect until ended ----------------------------------------
+
+    def views(self) -> dict[int, list[View]]:
+        """The open views, by job (group) id."""
+        out: dict[int, list[View]] = {}
+        for view in self._views.values():
+            if view.open and view.job.group is not None:
+                out.setdefault(view.job.group, []).append(view)
+        return out
+
+    async def end(self, group_id: int | None) -> Group:
+        """`cowfs end`: a job that collects until ended (a view, sync none) ends; returns
+        once it has (after its copier, for a view of a copying sync mode)."""
+        group = self.find(group_id)
+        if not any(job.options.view or job.options.sync is SyncMode.NONE for job in group.jobs):
+            raise CowfsError(f"job {group.id} ends by itself (no view, not --sync none)")
+        if not group.running:
+            raise CowfsError(f"job {group.id} has ended already")
+        for job in group.jobs:
+            job.end_requested.set()
+        await group.ended.wait()
+        return group
+
+    async def release(self, group_id: int, image: str | None, offset: int, length: int) -> int:
+        """`cowfs release`: the view's reader is past [offset, offset+length); returns the
+        bytes freed in the fleecing store."""
+        group = self.find(group_id)
+        views = [v for v in self.views().get(group.id, []) if image in (None, v.name)]
+        if not views:
+            of = "" if image is None else f" of {image}"
+            raise CowfsError(f"job {group.id} has no open view{of}")
+        if len(views) > 1:
+            names = ", ".join(v.name for v in views)
+            raise CowfsError(f"job {group.id} has views of several images ({names}): name one")
+        view = views[0]
+        job = view.job
+        if job.options.sync is not SyncMode.NONE:
+            raise CowfsError(
+                f"job {group.id} is a {job.options.sync} backup: its target must keep every "
+                "cluster, so only a --sync none view can release ranges"
+            )
+        if offset < 0 or length <= 0 or offset >= job.size:
+            raise CowfsError(f"bad range {offset}+{length} for a view of {job.size} bytes")
+        job.release(offset, length)
+        return await trio.to_thread.run_sync(view.free)
+
     def unmount_refusal(self) -> str | None:
         """Why the mount may not go now, or None."""
         running = [str(g.id) for g in self.groups.values() if g.running]
@@ -231,9 +282,11 @@ class Registry:
     # -- status ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        open_views = self.views()
         jobs = [
             asdict(job.status())
             | {"id": g.id, "image": self._image_of(job), "completion": g.completion}
+            | self._view_paths(g.id, job, open_views)
             for g in self.groups.values()
             for job in g.jobs
         ]
@@ -258,6 +311,15 @@ class Registry:
             "jobs": jobs,
         }
         return (jobs[-1] if jobs else {}) | mount  # the newest job's fields: one-job scripts
+
+    def _view_paths(self, group_id: int, job: Job, open_views: dict[int, list[View]]) -> dict:
+        """The job's view and, for an incremental, its dirty extents file (or None)."""
+        view = next((v for v in open_views.get(group_id, []) if v.job is job), None)
+        if view is None:
+            return {"view": None, "dirty_extents": None}
+        path = view_path(self.mountpoint, group_id, view.name)
+        dirty = path + DIRTY_SUFFIX if view.dirty_extents() is not None else None
+        return {"view": path, "dirty_extents": dirty}
 
     def _image_of(self, job: Job) -> str:
         return Path(job.source).name

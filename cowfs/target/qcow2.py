@@ -28,7 +28,7 @@ from array import array
 from pathlib import Path
 
 from ..errors import CowfsError
-from .raw import WRITE_PIECE
+from .raw import WRITE_PIECE, read_exactly
 
 MAGIC = b"QFI\xfb"
 VERSION = 3
@@ -220,6 +220,30 @@ class Qcow2Target:
         with self._lock:
             for guest in range(offset, offset + length, self.cluster_size):
                 self._zero(guest)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The image's bytes at cluster-aligned [offset, offset+length), as written so
+        far: a cluster never written reads as zeros (not through the backing file: a
+        caller reads only clusters it had written, zero ones included)."""
+        cs = self.cluster_size
+        out = bytearray()
+        for guest in range(offset, offset + length, cs):
+            l1_index, l2_index = divmod(guest >> self._bits, self._l2_entries)
+            with self._lock:
+                table = self._l2.get(l1_index)
+                entry = 0 if table is None else table[l2_index]
+            if entry & COMPRESSED:
+                host = entry & ((1 << self._csize_shift) - 1)
+                sectors = (entry >> self._csize_shift & self._csize_mask) + 1
+                blob = read_exactly(
+                    self.fd, host, host // SECTOR * SECTOR + sectors * SECTOR - host
+                )
+                out += zlib.decompressobj(DEFLATE_WBITS).decompress(blob, cs)
+            elif entry & ZERO or not entry & OFFSET_MASK:
+                out += bytes(cs)
+            else:
+                out += read_exactly(self.fd, entry & OFFSET_MASK, cs)
+        return bytes(out[:length])
 
     def fsync(self) -> None:
         """Write the metadata and make everything durable: a complete, valid image."""

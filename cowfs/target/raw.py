@@ -4,6 +4,7 @@ A fresh raw target reads as zeros everywhere, so zero clusters need no write
 and the file stays sparse. Owns only the file; never decides what to copy.
 """
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -44,8 +45,36 @@ class RawTarget:
     def write_zeroes(self, offset: int, length: int) -> None:
         """A fresh raw target already reads as zeros there: nothing to do."""
 
+    def read(self, offset: int, length: int) -> bytes:
+        """The image's bytes at [offset, offset+length) as written so far (holes: zeros)."""
+        return read_exactly(self.fd, offset, length)
+
     def fsync(self) -> None:
         os.fsync(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def read_exactly(fd: int, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset`; zeros past the end of the file."""
+    data = os.pread(fd, length, offset)
+    while 0 < len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data + bytes(length - len(data))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the blocks of [offset, offset+length): it reads as zeros, the size stays."""
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)):
+        err = ctypes.get_errno()
+        raise OSError(err, f"punching a hole at {offset}: {os.strerror(err)}")
