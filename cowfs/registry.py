@@ -260,6 +260,9 @@ class Registry:
     # -- a job's end -------------------------------------------------------------------
 
     async def _job_ended(self, job: Job) -> None:
+        view = self._views.pop(job, None)
+        if view is not None:
+            view.close()
         disk = self._disk_of.pop(job)
         if job in disk.jobs:
             disk.jobs.remove(job)

@@ -50,6 +50,13 @@ Per repetition (medians over `--repeat`):
       `elapsed_s` from status (+fsync), against QEMU's incremental job of the same dirty
       set in the same repetition (as in (e)), and against (e)'s mount -> finish when (e)
       ran too; then `cowfs unmount`. Both backups must equal the source as it was.
+  (i) views (issue 11): the whole image read (1 MiB reads, page cache dropped first)
+      through a `--sync none --view` job's view while the 64K writer writes to the live
+      file, vs the plain image read with no writer, vs QEMU's own fleecing in the same
+      repetition (qemu-storage-daemon: a copy-before-write filter over the source into
+      a qcow2 fleecing image, snapshot-access over it, both FUSE exports). The view's
+      hash must equal the pristine image's. The writer's MiB/s during the read against
+      the same passes with the job running and no reader.
   (k) crash-safe change tracking (issue 9): the writes of (b) through a mount with no
       job, once with no bitmap (no tracking) and once with one (every write marks it,
       the first write into a region waits for its intent record, saves every 10 s),
@@ -61,7 +68,7 @@ Per repetition (medians over `--repeat`):
       mount with tracking on is (h).
 
 The table shows medians over `--repeat` and the spread (min-max) of the per-repetition
-ratios. `--phases` picks any of a-h and k (default all); figures of a `--py-spy` run are not
+ratios. `--phases` picks any of a-i and k (default all); figures of a `--py-spy` run are not
 comparable.
 
 Run as root with the project's venv:  .venv/bin/python scripts/bench.py
@@ -72,6 +79,7 @@ Every mount, daemon and child is torn down on exit, Ctrl-C or SIGTERM.
 import argparse
 import array
 import bisect
+import hashlib
 import json
 import math
 import os
@@ -103,10 +111,12 @@ RSS_SOURCE_SIZE = 1 << 40
 RSS_LIMIT_MIB = 100
 POLL_S = 0.1
 """Status polling interval, as the anchor polls QMP: cheap for the daemon (one control read)."""
-PHASES = "abcdefghk"
+PHASES = "abcdefghik"
 DIRTY_BS = 64 << 10
 """(e) dirties whole 64K clusters: cowfs's default cluster and bitmap granularity, QEMU's too."""
 BITMAP = "bench"
+VIEW_BS = 64 << 10
+"""(i): the writer's block size while a view is read."""
 BARRIER_GOAL_MS = 5.0
 """(g): the issue's goal for the barrier's p99; the table shows it, nothing asserts it."""
 BARRIER_PASS = 32 * MiB
@@ -863,6 +873,68 @@ class Bench:
             "job_plus_fsync_s": round(job["elapsed_s"] + fsync_s, 4),
         }
 
+    # -- (i) views ----------------------------------------------------------------------------
+
+    def view_read(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"plain": read_all(self.pristine)}
+        src, store = self.fresh("i_src.raw"), self.wd / "i_fleece.img"
+        wl = self.workload(VIEW_BS)
+        try:
+            with serving_mount(src, self.mnt) as m:
+                done = run_cowfs("backup", str(self.mnt), "--sync", "none", "--view",
+                                 "--target", str(store))  # fmt: skip
+                if done.returncode:
+                    raise RuntimeError(f"backup --view failed: {done.stderr.strip()}")
+                view = Path(done.stdout.split()[1])
+                with writer(m.live, wl, self.wd, "i_reader", passes=0) as w:
+                    w.go()
+                    out["cowfs"] = read_all(view)
+                    w.stop()
+                    out["writer_reading"], _ = w.wait()
+                passes = out["writer_reading"]["passes"]
+                with writer(m.live, wl, self.wd, "i_alone", passes=passes) as w:
+                    w.go()
+                    out["writer_alone"], _ = w.wait()
+                out["end_ok"] = run_cowfs("end", str(self.mnt)).returncode == 0
+                out["unmount_ok"] = m.unmount() == 0
+        finally:
+            self.rm(src, store)
+        out["view_ok"] = out["cowfs"]["sha256"] == out["plain"]["sha256"]
+        out["qemu"] = self.qemu_fleecing(wl)
+        out["qemu"]["matches_pit"] = out["qemu"]["sha256"] == out["plain"]["sha256"]
+        return out
+
+    def qemu_fleecing(self, wl: Any) -> dict[str, Any]:
+        """QEMU's fleecing: copy-before-write into a qcow2 image, read through
+        snapshot-access, while the same writer writes through the filter's export."""
+        src, store = self.fresh("i_qsrc.raw"), self.wd / "i_qfleece.qcow2"
+        live, snap = self.wd / "i_live", self.wd / "i_snap"
+        qb.create_target(str(store), self.a.size, "qcow2")
+        nodes = [
+            {"driver": "file", "node-name": "src", "filename": str(src)},
+            {"driver": "qcow2", "node-name": "fleece",
+             "file": {"driver": "file", "filename": str(store)}},
+            {"driver": "copy-before-write", "node-name": "cbw", "file": "src",
+             "target": "fleece"},
+            {"driver": "snapshot-access", "node-name": "acc", "file": "cbw"},
+        ]  # fmt: skip
+        snap.touch()
+        export = {"type": "fuse", "id": "exp1", "node-name": "acc", "mountpoint": str(snap),
+                  "writable": False}  # fmt: skip
+        try:
+            extra = ["--export", json.dumps(export)]
+            with (
+                qb.QSD(str(self.wd), "fleece", nodes, "cbw", str(live), extra_args=extra),
+                writer(live, wl, self.wd, "i_qemu", passes=0) as w,
+            ):
+                w.go()
+                res = read_all(snap)
+                w.stop()
+                res["writer_reading"], _ = w.wait()
+        finally:
+            self.rm(src, store, live, snap)
+        return res
+
     # -- (k) crash-safe change tracking ------------------------------------------------------
 
     def tracking(self, bs: int) -> dict[str, Any]:
@@ -974,6 +1046,10 @@ class Bench:
                 log(f"{n} (h) {pct:g}% dirty: running mount, full --bitmap, writes, incremental")
                 h = {"qemu": q, "cowfs": self.incremental_on_mount(pct)}
                 r.setdefault("h", {})[f"{pct:g}%"] = h
+        if "i" in ph:
+            with timed("i"):
+                log(f"{n} (i) a view read under the 64K writer; plain read; QEMU fleecing")
+                r["i"] = self.view_read()
         for bs in self.a.bs if "k" in ph else []:
             with timed("k"):
                 log(f"{n} (k) bs={bs}: idle mount without and with a bitmap")
@@ -987,6 +1063,18 @@ class Bench:
                     "quiet": self.crash_superset(pct, "64M", quiet=True),
                 }
         return r
+
+
+def read_all(path: Path) -> dict[str, Any]:
+    """Read `path` whole in 1 MiB reads from a cold page cache: MiB/s and its SHA-256."""
+    qb.drop_caches()
+    digest = hashlib.sha256()
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(MiB):
+            digest.update(chunk)
+    seconds = time.perf_counter() - t0
+    return {"mib_s": round(path.stat().st_size / MiB / seconds, 1), "sha256": digest.hexdigest()}
 
 
 def phase_timer(r: dict[str, Any]) -> Callable[[str], Any]:
@@ -1125,6 +1213,14 @@ def _rows(sizes: list[int], dirty: list[float]) -> list[tuple[str, str, str, str
             (f"(h) {p} inc vs (e) mount->finish", f"{h}.cowfs.inc.cli_plus_fsync_s",
              f"e.{p}.cowfs.inc.with_mount_s", "s", ""),
         ]  # fmt: skip
+    rows += [
+        ("(i) view read vs plain read", "i.cowfs.mib_s", "i.plain.mib_s", "MiB/s", ""),
+        ("(i) view read vs QEMU fleecing", "i.cowfs.mib_s", "i.qemu.mib_s", "MiB/s", ""),
+        ("(i) writer, reading vs not", "i.writer_reading.mib_s", "i.writer_alone.mib_s",
+         "MiB/s", ""),
+        ("(i) writer vs QEMU's, reading", "i.writer_reading.mib_s",
+         "i.qemu.writer_reading.mib_s", "MiB/s", ""),
+    ]  # fmt: skip
     for bs in sizes:
         k, b = f"k.{bs}", f"{bs // 1024}K"
         rows += [
@@ -1248,7 +1344,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "e.g. 0: on these VMs a FUSE round trip between two CPUs costs ~40 us more "
         "than on one, and the scheduler's choice flips run to run (default: unpinned)",
     )
-    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (default a-h,k)")
+    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (default a-i,k)")
     p.add_argument(
         "--dirty", default="1,10", help="(e), (h), (k): percent of the image dirty (default 1,10)"
     )
@@ -1341,6 +1437,13 @@ def report(result: dict[str, Any], reps: list, args: argparse.Namespace, elapsed
             "(h) incremental on a running mount: backup --wait (+fsync) as the user waits, "
             "or the job's elapsed_s (+fsync); QEMU: job (+fsync)"
         )
+    if "i" in args.phases:
+        print(
+            "(i) reading a --sync none view under the 64K writer vs the plain file (no "
+            "writer) and QEMU's snapshot-access (same writer); the writer with vs without reader"
+        )
+        matched = [r["i"]["qemu"]["matches_pit"] for r in reps if "i" in r]
+        print(f"(i) QEMU's view equal to the point in time: {matched} (cowfs's is checked)")
     if "k" in args.phases:
         print(
             "(k) writes through an idle mount with a bitmap (intent records, saves) vs none; "
