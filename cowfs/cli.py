@@ -448,7 +448,12 @@ def _unmount_command(args: argparse.Namespace) -> int:
 
 def _end(args: argparse.Namespace) -> int:
     st = send_command(args.mountpoint, "end", job=args.job)
-    records = [read_record(Path(job["target"])) for job in st["jobs"] if job["id"] == st["ended"]]
+    job_id = st["ending"]
+    try:
+        st = _wait_for_job(args.mountpoint, job_id)  # a copier may still be at work
+    except KeyboardInterrupt:
+        return _interrupted(args.mountpoint, st)
+    records = [read_record(Path(job["target"])) for job in st["jobs"] if job["id"] == job_id]
     for record in records:
         _print_record(record)
     return EXIT_OK if all(verdict(r) == "complete" for r in records) else EXIT_INCOMPLETE
@@ -459,7 +464,10 @@ def _release(args: argparse.Namespace) -> int:
     st = send_command(
         args.mountpoint, "release", job=args.job, image=args.image, offset=offset, length=length
     )
-    print(f"released {format_bytes(length)} at {offset}; freed {format_bytes(st['freed'])}")
+    print(
+        f"released {format_bytes(st['released'])} of whole clusters from {offset}; "
+        f"freed {format_bytes(st['freed'])} of the fleecing store"
+    )
     return EXIT_OK
 
 

@@ -63,13 +63,13 @@ class ControlServer:
                 group = await registry.backup(_requests(request), _completion(request))
                 return registry.status() | {"started": group.id}
             case "end":
-                group = await registry.end(request.get("job"))
-                return registry.status() | {"ended": group.id}
+                group = registry.end(request.get("job"))
+                return registry.status() | {"ending": group.id}
             case "release" if _range(request):
-                freed = await registry.release(
+                released, freed = await registry.release(
                     request["job"], request.get("image"), request["offset"], request["length"]
                 )
-                return registry.status() | {"freed": freed}
+                return registry.status() | {"released": released, "freed": freed}
             case "cancel":
                 group = registry.find(request.get("job"))
                 if not group.running:

@@ -195,14 +195,17 @@ class LiveFS(pyfuse3.Operations):
             if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
                 raise _error(errno.EROFS)
             handle = self.views.file(inode)
+            self.views.hold(handle)
         else:
             handle = self._node(inode)
             await handle.open(flags)
-            self.registry.open_files += 1
+        self.registry.open_files += 1
         fh = self.next_fh
         self.next_fh += 1
         self.handles[fh] = handle
-        return pyfuse3.FileInfo(fh=fh)
+        # A view bypasses the page cache: what a reader got must never outlive what the
+        # view may still serve (a released range, a failed job: EIO).
+        return pyfuse3.FileInfo(fh=fh, direct_io=isinstance(handle, ViewFile))
 
     @_boundary
     async def read(self, fh, off, size):
@@ -232,8 +235,10 @@ class LiveFS(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh):
-        if isinstance(self.handles.pop(fh), ImageNode):
-            self.registry.open_files -= 1
+        handle = self.handles.pop(fh)
+        if isinstance(handle, ViewFile):
+            self.views.drop(handle)
+        self.registry.open_files -= 1
 
     # -- the root directory -------------------------------------------------------
 

@@ -261,17 +261,16 @@ class Job:
     def release(self, offset: int, length: int) -> int:
         """A view's reader will not read [offset, offset+length) again (sync none only):
         its whole clusters need no more copy-before-write and are no longer readable.
-        Returns the clusters newly released; the caller frees their space."""
+        Returns the bytes of those clusters; the caller frees their space."""
         cs = self.cluster_size
         first = -(-offset // cs)
         end = min(offset + length, self.size)
         last = (end // cs - 1) if end < self.size else (self.size - 1) // cs
         if last < first:
             return 0
-        fresh = (~self.released[first : last + 1]).count()
         self.released[first : last + 1] = 1
         self.copy.done[first : last + 1] = 1  # copy-before-write passes them by
-        return fresh
+        return self.copy.extent(first, last + 1 - first)[1]
 
     # -- ending --------------------------------------------------------------
 

@@ -42,7 +42,8 @@ class Registry:
         self.done = trio.Event()
         """Set once the mount is gone and every group has ended."""
         self.open_files = 0
-        """Open handles of live files (maintained by fs.py): `unmount` refuses while any."""
+        """Open handles of the mount's files, views too (maintained by fs.py): `unmount`
+        refuses while any."""
         self.unmount_on_cancel: set[int] = set()
         """Groups whose cancel also removes the mount (the job of `mount --target`)."""
         self._claims: dict[Job, Claim] = {}
@@ -212,22 +213,25 @@ class Registry:
                 out.setdefault(view.job.group, []).append(view)
         return out
 
-    async def end(self, group_id: int | None) -> Group:
-        """`cowfs end`: a job that collects until ended (a view, sync none) ends; returns
-        once it has (after its copier, for a view of a copying sync mode)."""
+    def end(self, group_id: int | None) -> Group:
+        """`cowfs end`: a job that collects until ended (a view, sync none) ends, once its
+        copier is through (the caller waits for that as for any job)."""
         group = self.find(group_id)
         if not any(job.options.view or job.options.sync is SyncMode.NONE for job in group.jobs):
             raise CowfsError(f"job {group.id} ends by itself (no view, not --sync none)")
         if not group.running:
             raise CowfsError(f"job {group.id} has ended already")
+        if any(job.state is JobState.PAUSED for job in group.jobs):
+            raise CowfsError(f"job {group.id} is paused: resume it, then end it")
         for job in group.jobs:
             job.end_requested.set()
-        await group.ended.wait()
         return group
 
-    async def release(self, group_id: int, image: str | None, offset: int, length: int) -> int:
+    async def release(
+        self, group_id: int, image: str | None, offset: int, length: int
+    ) -> tuple[int, int]:
         """`cowfs release`: the view's reader is past [offset, offset+length); returns the
-        bytes freed in the fleecing store."""
+        bytes released (whole clusters) and the bytes freed in the fleecing store."""
         group = self.find(group_id)
         views = [v for v in self.views().get(group.id, []) if image in (None, v.name)]
         if not views:
@@ -245,8 +249,8 @@ class Registry:
             )
         if offset < 0 or length <= 0 or offset >= job.size:
             raise CowfsError(f"bad range {offset}+{length} for a view of {job.size} bytes")
-        job.release(offset, length)
-        return await trio.to_thread.run_sync(view.free)
+        released = job.release(offset, length)
+        return released, await trio.to_thread.run_sync(view.free)
 
     def unmount_refusal(self) -> str | None:
         """Why the mount may not go now, or None."""
@@ -254,7 +258,7 @@ class Registry:
         if running:
             return f"jobs still run ({', '.join(running)}): cancel them or use finish"
         if self.open_files:
-            return f"the live files are open ({self.open_files} handles)"
+            return f"files of the mount are open ({self.open_files} handles)"
         return None
 
     # -- a job's end -------------------------------------------------------------------

@@ -67,12 +67,10 @@ class View:
         self._freed |= fresh
         if job.target.format != "raw":
             return 0
-        freed = 0
+        before = os.fstat(job.target.fd).st_blocks
         for first, count in _runs(fresh):
-            offset, length = job.copy.extent(first, count)
-            punch_hole(job.target.fd, offset, length)
-            freed += length
-        return freed
+            punch_hole(job.target.fd, *job.copy.extent(first, count))
+        return max(0, before - os.fstat(job.target.fd).st_blocks) * 512
 
     @property
     def open(self) -> bool:

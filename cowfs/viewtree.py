@@ -29,7 +29,8 @@ def _error(code: int) -> OSError:
 class ViewFile:
     """An open view (or its dirty extents): reads only."""
 
-    def __init__(self, view: View, dirty: bool) -> None:
+    def __init__(self, inode: int, view: View, dirty: bool) -> None:
+        self.inode = inode
         self.view = view
         self.dirty = dirty
 
@@ -44,6 +45,20 @@ class ViewTree:
         """`views`: the open views by job id, asked afresh each time (they end)."""
         self._views = views
         self._created_ns = created_ns
+        self._held: dict[int, tuple[ViewFile, int]] = {}
+        """Files open now, by inode, with how many opens: they stay answerable after their
+        job ends (reads then fail with EIO), so a reader sees why, not a vanished file."""
+
+    def hold(self, f: ViewFile) -> None:
+        _, count = self._held.get(f.inode, (f, 0))
+        self._held[f.inode] = (f, count + 1)
+
+    def drop(self, f: ViewFile) -> None:
+        held, count = self._held[f.inode]
+        if count == 1:
+            del self._held[f.inode]
+        else:
+            self._held[f.inode] = (held, count - 1)
 
     def owns(self, inode: int) -> bool:
         return inode >= DIR
@@ -87,9 +102,11 @@ class ViewTree:
             raise _error(errno.EISDIR)
         job, n = divmod(inode - FILES, 1 << 16)
         views = self._views().get(job, [])
-        if n // 2 >= len(views):
-            raise _error(errno.ENOENT)
-        return ViewFile(views[n // 2], dirty=bool(n % 2))
+        if n // 2 < len(views):
+            return ViewFile(inode, views[n // 2], dirty=bool(n % 2))
+        if inode in self._held:
+            return self._held[inode][0]
+        raise _error(errno.ENOENT)
 
     # -- attributes ----------------------------------------------------------------------
 
