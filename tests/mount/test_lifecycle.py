@@ -175,8 +175,9 @@ def test_second_mount_of_same_source_fails(
 def test_force_onto_a_file_of_a_running_job_fails(
     cowfs: CowfsRunner, source: Path, before: Path, tmp_path: Path, victim: str
 ) -> None:
-    """QEMU refuses (image locking); cowfs must not replace a file another job is using."""
-    m = cowfs.mount(source, None, "--speed", FAST)
+    """QEMU refuses (image locking); cowfs must not replace a file another job is using
+    (still copying at SLOW: a job that completed has let go of its target)."""
+    m = cowfs.mount(source, None, "--speed", SLOW)
     other = make_image(tmp_path / "other.img", 1 << 20, seed=12, holes=False)
     mnt2 = tmp_path / "mnt2"
     mnt2.mkdir()
@@ -189,6 +190,7 @@ def test_force_onto_a_file_of_a_running_job_fails(
     assert_one_error_line(result)
     assert not os.listdir(mnt2)
     assert source.stat().st_ino == source_inode
+    assert run_cowfs("set-speed", m.mountpoint, "0").returncode == 0  # the rest at once
     done = m.finish()
     assert done.returncode == 0, done.stdout + done.stderr
     assert files_equal(m.target, before)
