@@ -22,8 +22,10 @@ later. All integers little-endian:
 
     magic "COWFSALV" | boot id 16 bytes | session 16 bytes | started ns u64 | ended ns u64
 
-`started` is nonzero while a write runs (its start plus a second: a write cannot
-still change the source's times after that); `ended` is when the last one returned.
+`started` is nonzero while a write runs (its start plus WRITE_BOUND_NS: a write
+cannot still change the source's times after that); `ended` is when the last one
+returned. A file system that cannot map the page (FUSE with direct_io) leaves it
+without its magic: the lease alone bounds the writes then.
 
 A slot:
 
@@ -62,8 +64,10 @@ ALIVE_MAGIC = b"COWFSALV"
 ALIVE = struct.Struct("<8s16s16sQQ")
 STARTED, ENDED = 5, 6
 """The alive page's two times, as indices of 8-byte words."""
-WRITE_BOUND_NS = 1_000_000_000
-"""How long after its start a running write may still set the source's times."""
+WRITE_BOUND_NS = 100_000_000
+"""How long after its start a running write may still set the source's times: they are
+set as the write system call begins, microseconds after. Longer only if the daemon was
+not scheduled meanwhile, and then a recovery refuses rather than trusts."""
 
 
 @dataclass
@@ -156,8 +160,13 @@ class IntentFile:
         self._fd: int | None = None
         self._slot_size = 0
         self._map: mmap.mmap | None = None
-        self._next: tuple[int, int, mmap.mmap] | None = None
+        self._next: tuple[int, int, mmap.mmap | None] | None = None
         """A new file, written in the thread, that `adopt` takes over in the loop."""
+
+    @property
+    def made(self) -> bool:
+        """Whether this session has its file (adopted) yet."""
+        return self._fd is not None
 
     def write(self, record: IntentRecord) -> None:
         """Make `record` durable: in the slot its seq selects, or in a new file when it
@@ -174,21 +183,28 @@ class IntentFile:
         slot_size = slot_size_for(len(record.regions))
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        mapped = None
         try:
-            alive = ALIVE.pack(
-                ALIVE_MAGIC, boot_id(), bytes.fromhex(record.session), 0, time.time_ns()
-            )
             slots = [bytes(slot_size), bytes(slot_size)]  # both allocated now, not later
             slots[record.seq % 2] = record.pack(slot_size)
-            os.pwrite(fd, alive.ljust(PAGE, b"\0") + b"".join(slots), 0)
+            os.pwrite(fd, bytes(PAGE) + b"".join(slots), 0)
+            try:
+                mapped = mmap.mmap(fd, PAGE)
+            except OSError:  # no shared mappings here: no alive page, the lease bounds
+                pass
+            else:
+                session = bytes.fromhex(record.session)
+                ALIVE.pack_into(mapped, 0, ALIVE_MAGIC, boot_id(), session, 0, time.time_ns())
             os.fsync(fd)
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
-            self._next = (fd, slot_size, mmap.mmap(fd, PAGE))
         except BaseException:
+            if mapped is not None:
+                mapped.close()
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
+        self._next = (fd, slot_size, mapped)
 
     def adopt(self) -> None:
         """Take over a file `write` made: the alive page's times go along (writes may have
@@ -197,8 +213,8 @@ class IntentFile:
             return
         fd, slot_size, new_map = self._next
         self._next = None
-        new_words = memoryview(new_map).cast("Q")
-        if self.alive is not None:
+        new_words = None if new_map is None else memoryview(new_map).cast("Q")
+        if self.alive is not None and new_words is not None:
             new_words[STARTED], new_words[ENDED] = self.alive[STARTED], self.alive[ENDED]
         self.close()
         self._fd, self._slot_size, self._map, self.alive = fd, slot_size, new_map, new_words

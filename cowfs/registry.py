@@ -270,14 +270,16 @@ class Registry:
         disk = self._disk_of.pop(job)
         if job in disk.jobs:
             disk.jobs.remove(job)
-        if job.options.bitmap is not None:
-            complete = job.state is JobState.COMPLETE
-            disk.dirty.end_job(job.options.bitmap, backup.anchor(job) if complete else None)
-            await disk.tracker.save()
+        recorded = True
         try:
             await trio.to_thread.run_sync(backup.write_job_record, job, False)
         except OSError as e:  # the record left behind (running) says incomplete: no lie
             log.error("cannot write the record beside %s: %s", job.target.path, e)
+            recorded = False
+        if job.options.bitmap is not None:  # after the record: never anchored to a link
+            complete = job.state is JobState.COMPLETE and recorded  # that says running
+            disk.dirty.end_job(job.options.bitmap, backup.anchor(job) if complete else None)
+            await disk.tracker.save()
         log.info("backup %s: %s", job.state, job.target.path)
         if not job.options.cbw_timeout:  # with it, an abandoned copy may still write
             try:

@@ -140,10 +140,13 @@ class ChangeTracker:
         first, last = offset // self.region_size, (offset + length - 1) // self.region_size
         if last >= len(self._touched):
             self._fit(last + 1)
+        # Wanted again, even where a record still marks it: a save may have cleared it
+        # from `_want` while that record was in flight, and the next one must keep it.
         if first == last:
-            self._touched[first] = 1
+            self._touched[first] = self._want[first] = 1
         else:
             self._touched[first : last + 1] = 1
+            self._want[first : last + 1] = 1
         self._writes += 1
 
     def changing(self) -> None:
@@ -234,7 +237,7 @@ class ChangeTracker:
                     return True
             if not await self._write_bitmaps(None):
                 return False
-            if self.tracking and self._intent.alive is None:
+            if self.tracking and not self._intent.made:
                 await self._commit()  # the file now: first writes then pay one fdatasync
             elif self.tracking and (self._want & ~self._touched).any():
                 self._want &= self._touched

@@ -310,24 +310,31 @@ def test_bitmap_command_during_a_mount(
         assert bitmaps(source) == {}
 
 
-def test_bitmaps_that_cannot_be_stored_are_never_trusted(
+def test_bitmaps_that_cannot_be_stored_are_recovered_from_the_intent(
     cowfs: CowfsRunner, small_fs: SmallFS, tmp_path: Path
 ) -> None:
-    """The source's directory is full when the mount ends: the bitmaps miss that mount's
-    writes, so the next incremental must be refused, never complete without them."""
+    """The source's directory is full when the mount ends, so its bitmaps cannot be
+    stored: they still say the mount is using them. But the write's region went into the
+    mount's write-intent record before the write (made when the mount started, so it
+    needs no new space), and the next load recovers the bitmaps from it: consistent,
+    holding the write, and the next incremental restores exactly."""
     source = make_image(small_fs.path / "disk.img", 4 * MiB, seed=36, holes=False)
     full = tmp_path / "full.qcow2"
     full_backup(cowfs, source, full)
     m = cowfs.mount(source, tmp_path / "between.img", "--sync", "none")
-    write_live(m, b"q" * 70_000, 5 * CLUSTER)
+    writes = [(5 * CLUSTER, b"q" * 70_000)]
+    write_live(m, writes[0][1], writes[0][0])
     small_fs.fill()
     m.finish()
     small_fs.free()
-    assert bitmaps(source)[BITMAP]["consistent"] is False
-    message = refused_mount(
-        cowfs, tmp_path, source, tmp_path / "inc1.qcow2", *incremental_options(full)
-    )
-    assert "inconsistent" in message and f"--sync full --bitmap {BITMAP}" in message
+    bitmap = bitmaps(source)[BITMAP]
+    assert bitmap["consistent"] is True, bitmap
+    assert bitmap["recovered"] is not None and bitmap["recovered"]["pid"] == m.pid, bitmap
+    assert bitmap["dirty_clusters"] >= 2, bitmap  # the write's clusters, and its region's
+    assert "recovered after a crash" in row_of(source, BITMAP)
+    inc = tmp_path / "inc1.qcow2"
+    pit = backup(cowfs, source, inc, *incremental_options(full))
+    assert_restores(inc, pit)
 
 
 def test_a_mount_through_a_symlink_records_in_the_bitmaps(

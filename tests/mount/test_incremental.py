@@ -34,6 +34,7 @@ from helpers.incremental import (
     BITMAP,
     BUDGET,
     CLUSTER,
+    FULL_SPEED,
     INC_SPEED,
     SIZE,
     assert_dirty,
@@ -278,21 +279,24 @@ def test_failed_incremental_loses_nothing(
         "none, its pid alive again",
     ],
 )
-def test_kill9_makes_bitmaps_inconsistent_until_a_full(
+def test_kill9_recovers_the_bitmaps_from_the_intent_record(
     cowfs: CowfsRunner, tmp_path: Path, killed: str
 ) -> None:
-    """Writes the dead daemon took with it may be missing from every bitmap of the
-    source: all become inconsistent, an incremental is refused with the fix, and a
-    full with --bitmap re-anchors that bitmap (and only that one). Whether the dead
-    daemon's pid is still taken (a zombie its parent has not reaped yet, or a new
-    process that got the same pid) must not matter."""
+    """The writes the dead daemon took with it are in its write-intent record, made
+    durable before each write reached a new region: every bitmap of the source comes
+    back as its last save plus those regions, consistent and marked as recovered after
+    the crash of that pid, and the next incremental over the last complete link restores
+    exactly (a killed incremental moved no anchor). Whether the dead daemon's pid is
+    still taken (a zombie its parent has not reaped yet, or a new process that got the
+    same pid) must not matter."""
     rng = random.Random(8)
     source = make_image(tmp_path / "disk.img", SIZE, seed=8, holes=False)
     added = run_cowfs("bitmap", "add", source, "other")
     assert added.returncode == 0, added.stderr
     full = tmp_path / "full.qcow2"
     full_backup(cowfs, source, full)
-    writes_between(cowfs, source, tmp_path / "between.img", random_writes(rng, SIZE, BUDGET))
+    between = random_writes(rng, SIZE, BUDGET)
+    writes_between(cowfs, source, tmp_path / "between.img", between)
 
     killed_target = tmp_path / "killed.img"
     if killed == "none":
@@ -304,35 +308,37 @@ def test_kill9_makes_bitmaps_inconsistent_until_a_full(
         m = cowfs.mount(source, killed_target, "--sync", "none", foreground=True)
     else:
         m = mount_in_pid_namespace(cowfs, source, killed_target, "--sync", "none")
-    for offset, data in random_writes(rng, SIZE, BUDGET):
+    pid = m.status()["pid"]  # 1 in the pid namespace
+    during = random_writes(rng, SIZE, BUDGET)
+    for offset, data in during:
         write_live(m, data, offset)
     kill9(m, reap=killed != "none, a zombie not yet reaped")
+    if killed == "incremental":
+        code, verdict = info(target)
+        assert code == 1 and verdict.startswith("incomplete"), verdict
 
     maps = bitmaps(source)
-    assert maps[BITMAP]["consistent"] is False, maps
-    assert maps["other"]["consistent"] is False, maps
+    must_hold = len(clusters_of(between + during))
+    for name in (BITMAP, "other"):
+        assert maps[name]["consistent"] is True, maps
+        assert maps[name]["recovered"] is not None, maps
+        assert maps[name]["recovered"]["pid"] == pid, maps
+        assert maps[name]["dirty_clusters"] >= must_hold, maps
     listed = run_cowfs("bitmap", "list", source)
     assert listed.returncode == 0, listed.stderr
-    row = [line for line in listed.stdout.splitlines() if BITMAP in line]
-    assert len(row) == 1 and "inconsistent" in row[0], listed.stdout
+    row = [line for line in listed.stdout.splitlines() if line.startswith(f"{BITMAP}:")]
+    assert len(row) == 1 and "inconsistent" not in row[0], listed.stdout
+    assert f"recovered after a crash of pid {pid}" in row[0], listed.stdout
 
-    message = refused_mount(
-        cowfs, tmp_path, source, tmp_path / "inc1.qcow2", *incremental_options(full)
-    )
-    assert "inconsistent" in message
-    assert f"--sync full --bitmap {BITMAP}" in message
-
-    during = random_writes(rng, SIZE, BUDGET)
-    full2 = tmp_path / "full2.qcow2"
-    full2_pit = full_backup(cowfs, source, full2, during)
-    assert_dirty(source, BITMAP, during)
-    assert bitmaps(source)["other"]["consistent"] is False
     last = random_writes(rng, SIZE, BUDGET)
     inc = tmp_path / "inc1.qcow2"
-    pit = backup(cowfs, source, inc, *incremental_options(full2), writes=last, speed=INC_SPEED)
-    assert_restores(full2, full2_pit)
+    # The default intent region (64 MiB) covers the whole image: it is all copied.
+    pit = backup(cowfs, source, inc, *incremental_options(full), writes=last, speed=FULL_SPEED)
     assert_restores(inc, pit)
-    assert_dirty(source, BITMAP, last)
+    assert_dirty(source, BITMAP, last)  # exact again from this point in time
+    assert bitmaps(source)[BITMAP]["recovered"] is None
+    other = bitmaps(source)["other"]
+    assert other["consistent"] is True and other["recovered"]["pid"] == pid, other
 
 
 # -- refusals --------------------------------------------------------------------------------
