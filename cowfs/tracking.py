@@ -128,7 +128,7 @@ class ChangeTracker:
     def _covered(self, first: int, last: int, end: int) -> bool:
         if end > self._safe_limit or last >= len(self._safe) or time.time_ns() > self._lease_ok:
             return False
-        return self._safe[first] if first == last else self._safe[first : last + 1].all()
+        return bool(self._safe[first]) if first == last else self._safe[first : last + 1].all()
 
     def mark(self, offset: int, length: int) -> None:
         """Record a change about to reach the source in every bitmap (and as written since
