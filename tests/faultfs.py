@@ -104,6 +104,9 @@ class FaultFS(pyfuse3.Operations):
         self.backing = backing
         self.inodes: dict[str, int] = {}
         self.names: dict[int, str] = {}
+        self.next_inode = CONTROL + 1
+        """Never reused: after a rename or unlink, a new name must not get an inode that
+        another name (and the kernel's cache) still has."""
         self.files: dict[int, tuple[int, int]] = {}  # fh -> (backing fd, inode)
         self.snapshots: dict[int, bytes] = {}  # control fh -> state at open
         self.next_fh = 1
@@ -159,7 +162,8 @@ class FaultFS(pyfuse3.Operations):
 
     def _inode(self, name: str) -> int:
         if name not in self.inodes:
-            inode = CONTROL + 1 + len(self.inodes)
+            inode = self.next_inode
+            self.next_inode += 1
             self.inodes[name] = inode
             self.names[inode] = name
         return self.inodes[name]

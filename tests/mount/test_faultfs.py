@@ -233,3 +233,17 @@ def test_small_fs_leave_and_resize(small_fs: SmallFS) -> None:
     assert small_fs.available() <= 2 << 20
     small_fs.fill()
     assert small_fs.filler.stat().st_size <= 2 << 20
+
+
+def test_inode_numbers_are_never_reused(faulty: FaultyFS) -> None:
+    """A save by temp file and rename (as cowfs saves its bitmaps) must not leave two names
+    with one inode number: the kernel would serve one file's data under the other name."""
+    faulty.path("f.json").write_bytes(b"old")
+    faulty.path("f.json.tmp").write_bytes(b"first")
+    os.rename(faulty.path("f.json.tmp"), faulty.path("f.json"))  # replaces a name
+    faulty.path("g.img").write_bytes(b"other")
+    faulty.path("f.json.tmp").write_bytes(b"second")
+    inodes = [faulty.path(n).stat().st_ino for n in ("f.json", "g.img", "f.json.tmp")]
+    assert len(set(inodes)) == 3, inodes
+    assert faulty.path("f.json").read_bytes() == b"first"
+    assert faulty.path("g.img").read_bytes() == b"other"
