@@ -30,6 +30,7 @@ from .imagelock import Role, lock_image
 from .job import Job
 from .options import JobOptions, SyncMode
 from .record import Record, read_record, record_path, write_record
+from .sums import ALGORITHM, sums_path
 from .target import Target, create_target
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def commit(prepared: Prepared) -> None:
     write_job_record(prepared.job, reserve=True)  # no record, no backup
     path = prepared.job.target.path
     prepared.undo.callback(record_path(path).unlink, missing_ok=True)
+    sums_path(path).unlink(missing_ok=True)  # a replaced target's: never beside the new one
     replaced = None if prepared.replaced_fd is None else os.fstat(prepared.replaced_fd)
     _place_target(prepared.tmp, path, replaced)
     prepared.undo.pop_all()  # nothing to undo any more: the claim lasts as long as the job
@@ -218,6 +220,8 @@ def write_job_record(job: Job, reserve: bool) -> None:
         job=job.id,
         group=job.group,
         peers=list(job.peers),
+        checksums=job.sums_sha256,
+        checksum_algorithm=ALGORITHM if job.sums_sha256 else None,
     )
     write_record(record_path(Path(job.target.path)), record, reserve)
 

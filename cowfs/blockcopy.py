@@ -16,6 +16,7 @@ from bitarray import bitarray
 
 from .locks import ClusterClaims
 from .ratelimit import RateLimiter
+from .sums import Checksums, Recording
 from .target import Target
 from .transfer import copy_range
 
@@ -39,6 +40,9 @@ class BlockCopy:
         self.size = 0
         """The source's size at the point in time."""
         self.done = bitarray()
+        self.sums = Checksums(0, cluster_size)
+        """What each cluster put in the target reads as (sums.py), recorded as it is written."""
+        self.writer = Recording(target, self.sums)
         self.claims = ClusterClaims()
         self.limiter = RateLimiter(speed)
         self.bytes_copier = 0
@@ -52,6 +56,8 @@ class BlockCopy:
         """At the point in time: `done` holds the clusters that need no copy."""
         self.size = size
         self.done = done
+        self.sums = Checksums(size, self.cluster_size)
+        self.writer = Recording(self.target, self.sums)
 
     def extent(self, first: int, count: int) -> tuple[int, int]:
         """Byte offset and length of clusters first..first+count-1 (the last may be partial)."""
@@ -111,7 +117,7 @@ class BlockCopy:
                 with contextlib.suppress(BlockingIOError):
                     written = copy_range(
                         self.source_fd,
-                        self.target,
+                        self.writer,
                         offset,
                         length,
                         self.cluster_size,
@@ -164,7 +170,7 @@ class BlockCopy:
             offset, length = self.extent(first, count)
             try:
                 written += copy_range(
-                    self.source_fd, self.target, offset, length, self.cluster_size, buf
+                    self.source_fd, self.writer, offset, length, self.cluster_size, buf
                 )
             except OSError as e:
                 return i, written, e
@@ -181,7 +187,7 @@ class BlockCopy:
         return await trio.to_thread.run_sync(
             copy_range,
             self.source_fd,
-            self.target,
+            self.writer,
             offset,
             length,
             self.cluster_size,

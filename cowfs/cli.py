@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import VERSION
+from . import VERSION, restore_cli
 from .bars import bytes_bar
 from .control import is_mounted, read_status, request, send_command
 from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, CowfsError
@@ -149,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
         bx = bsub.add_parser(action, help=text)
         bx.add_argument("source", type=Path, metavar="SOURCE")
         bx.add_argument("name", metavar="NAME")
+
+    restore_cli.add_parsers(sub)
 
     i = sub.add_parser("info", help="show a target's record; exit 0 only if complete")
     i.add_argument("target", type=Path, metavar="TARGET")
@@ -723,4 +725,6 @@ _COMMANDS = {
     "set-speed": _set_speed,
     "info": _info,
     "bitmap": _bitmap,
+    "verify": restore_cli.verify,
+    "restore": restore_cli.restore,
 }

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import trio
 from bitarray import bitarray
@@ -26,6 +27,7 @@ from .blockcopy import BlockCopy
 from .extents import DataScan, data_clusters
 from .options import JobOptions, SyncMode
 from .policy import Action, CbwPolicy, copier_action
+from .sums import sums_path
 from .target import Target
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ class Job:
         self.released = bitarray()
         """Clusters a view's reader released: no longer protected, no longer readable."""
         self.ended = trio.Event()
+        self.sums_sha256: str | None = None
+        """The SHA-256 of the checksum file, once it is durable beside the target."""
 
     @property
     def size(self) -> int:
@@ -160,7 +164,7 @@ class Job:
         """Blocking: the target learns which needed clusters were holes at the point in
         time (a fresh raw file knows; qcow2 over a backing file flags them)."""
         for first, count in _runs(self.zeroes):
-            self.target.write_zeroes(*self.copy.extent(first, count))
+            self.copy.writer.write_zeroes(*self.copy.extent(first, count))
         self.zeroes = bitarray()
 
     @property
@@ -270,6 +274,7 @@ class Job:
             return 0
         self.released[first : last + 1] = 1
         self.copy.done[first : last + 1] = 1  # copy-before-write passes them by
+        self.copy.sums.release(first, last + 1 - first)
         return self.copy.extent(first, last + 1 - first)[1]
 
     # -- ending --------------------------------------------------------------
@@ -295,6 +300,12 @@ class Job:
             await trio.to_thread.run_sync(self.target.fsync)
         except OSError as e:
             self.fail(f"fsync of the target: {e}")
+            return False
+        try:
+            path = sums_path(Path(self.target.path))
+            self.sums_sha256 = await trio.to_thread.run_sync(self.copy.sums.save, path)
+        except OSError as e:
+            self.fail(f"writing the checksums: {e}")
             return False
         return True
 

@@ -55,6 +55,9 @@ class Record:
     """The id of the job command this job was part of (`cowfs backup` prints it)."""
     peers: list[str] = field(default_factory=list)
     """The targets of the other jobs of the group."""
+    checksums: str | None = None
+    """The SHA-256 of the checksum file beside the target (sums.py): it covers that file."""
+    checksum_algorithm: str | None = None
     version: int = 1
 
 

@@ -64,7 +64,7 @@ def copy_range(
     except OSError as e:
         raise SourceError(e.errno, f"reading the source at offset {offset}: {e.strerror}") from e
     try:
-        return _write_nonzero(target, buf, offset, length, cluster_size)
+        return write_nonzero(target, buf, offset, length, cluster_size)
     except OSError as e:
         raise TargetError(e.errno, f"writing the target at offset {offset}: {e.strerror}") from e
 
@@ -101,7 +101,7 @@ def _read(source_fd: int, view: memoryview, offset: int, nowait: bool) -> None:
         view[got:] = _ZERO[: length - got]
 
 
-def _write_nonzero(
+def write_nonzero(
     target: Target, buf: bytearray, offset: int, length: int, cluster_size: int
 ) -> int:
     """Write the non-zero clusters of buf[:length] in runs; returns the bytes written."""

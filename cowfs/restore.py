@@ -1,0 +1,486 @@
+"""Restoring a backup: the image at a chain's point in time, written to DEST and verified.
+
+Owns DEST while it fills: which clusters are restored (the *restored map*), one copy
+per cluster (claims, as block copy's), the copier that fills the rest, and the
+record beside DEST that says when DEST alone is the image. The live restore's FUSE
+side (restorefs.py) reads and writes through it: a read of a cluster not yet
+restored restores it first (copy on read); a write restores the clusters it covers
+only in part, and claims the ones it covers whole, so no copy of the backup can land
+over a guest's write. Every cluster comes through chainread, checked against its
+checksum, or the restore stops there and says where.
+
+Crash safety: the restored map beside DEST is saved (after an fdatasync of DEST)
+every second while the copier runs and on every fsync of the live file. A cluster
+the saved map calls restored is durable in DEST, so `restore` again resumes from
+it and never copies it twice; what was restored after the last save is restored
+again, which can only undo writes nobody had fsynced.
+"""
+
+import errno
+import hashlib
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+from bitarray import bitarray
+from bitarray.util import zeros
+
+from .chainread import BackupChain, CorruptCluster
+from .errors import CowfsError
+from .locks import ClusterClaims
+from .record import Record, read_record, record_path, verdict, write_record
+from .target import Qcow2Target, RawTarget
+from .target.qcow2 import MAX_CLUSTER
+from .target.raw import punch_hole
+from .transfer import write_nonzero
+
+log = logging.getLogger(__name__)
+
+SYNC = "restore"
+"""The record's sync field for a restore: what `cowfs info DEST` shows."""
+MAP_SUFFIX = ".cowfs-restore"
+MAP_MAGIC = b"COWFSRST"
+MAP_HEADER = struct.Struct("<8sIIQ32s")
+BATCH_BYTES = 1 << 20
+"""The copier's unit: big enough to amortise a thread hop, small enough that a guest
+read waiting on a cluster in it waits about a millisecond."""
+SAVE_PERIOD_S = 1.0
+QCOW2_CLUSTER = 64 << 10
+
+
+def map_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + MAP_SUFFIX)
+
+
+class ResumedRaw(RawTarget):
+    """DEST of a restore that resumes: a cluster restored after the last map save may
+    hold data, or a guest's unsynced write: zero clusters are punched, not skipped."""
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        punch_hole(self.fd, offset, length)
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    top: Path
+    dest: Path
+    fmt: str = "raw"
+    force: bool = False
+
+
+class Restore:
+    """One chain into one DEST. `prepare` (blocking) opens both; the rest runs in trio."""
+
+    def __init__(
+        self,
+        chain: BackupChain,
+        dest: Path,
+        out: RawTarget | Qcow2Target,
+        restored: bitarray,
+        resumed: bool,
+    ) -> None:
+        self.chain = chain
+        self.dest = dest
+        self.out = out
+        self.cluster_size = chain.cluster_size
+        self.size = chain.size
+        self.restored = restored
+        self.resumed = resumed
+        self.resumed_bytes = self._bytes(restored)
+        self.claims = ClusterClaims()
+        self.state = "running"
+        self.errors: list[str] = []
+        self.bytes_copier = 0
+        self.bytes_on_demand = 0
+        """Restored because the guest read or partly wrote them first (copy on read)."""
+        self.started = datetime.now(UTC)
+        self.started_mono = time.monotonic()
+        self.finished_mono: float | None = None
+        self.done = trio.Event()
+        self._saved = restored.copy()
+        self._io_limiter = trio.CapacityLimiter(2)
+
+    # -- starting ----------------------------------------------------------------------
+
+    @classmethod
+    def prepare(cls, req: RestoreRequest) -> "Restore":
+        """Open the chain (every link complete, its checksums intact) and DEST: new, or
+        replaced with --force, or resumed when it is this chain's unfinished restore."""
+        chain = BackupChain.open(req.top)
+        try:
+            dest = req.dest
+            links = {os.path.realpath(link.path) for link in chain.links}
+            if os.path.realpath(dest) in links:
+                raise CowfsError(f"{dest} is a link of the backup chain it would restore")
+            if not dest.parent.is_dir():
+                raise CowfsError(f"destination directory {dest.parent} does not exist")
+            restored = _resumable(chain, dest, req)
+            if restored is not None:
+                out: RawTarget | Qcow2Target = ResumedRaw(dest, _open_dest(dest, 0))
+                return cls(chain, dest, out, restored, resumed=True)
+            if dest.exists() or dest.is_symlink():
+                if not req.force:
+                    raise CowfsError(f"destination {dest} exists; --force replaces it")
+                if not dest.is_file():
+                    raise CowfsError(f"destination {dest} is not a regular file")
+                dest.unlink()
+            map_path(dest).unlink(missing_ok=True)
+            if req.fmt == "qcow2":
+                cluster = min(chain.cluster_size, QCOW2_CLUSTER, MAX_CLUSTER)
+                out = Qcow2Target.create(dest, chain.size, cluster)
+            else:
+                out = RawTarget(dest, _open_dest(dest, os.O_CREAT | os.O_EXCL))
+                os.ftruncate(out.fd, chain.size)
+            count = -(-chain.size // chain.cluster_size)
+            return cls(chain, dest, out, zeros(count), resumed=False)
+        except BaseException:
+            chain.close()
+            raise
+
+    def begin(self) -> None:
+        """Blocking: the record says running (and the map exists) before DEST is used."""
+        self._write_record()
+        if self.out.format == "raw":
+            self._save_map(self.restored)
+
+    # -- restoring clusters -------------------------------------------------------------
+
+    def clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """First and last cluster of [offset, offset+length), clipped to the image."""
+        end = min(offset + length, self.size)
+        return offset // self.cluster_size, (end - 1) // self.cluster_size
+
+    async def fill(self, first: int, last: int) -> None:
+        """Restore clusters first..last not yet restored: copy the ones nobody copies,
+        wait for the rest. Raises OSError (EIO for a corrupt backup cluster)."""
+        self._check_usable()
+        while True:
+            runs: list[tuple[int, int]] = []
+            busy = None
+            cluster = self.restored.find(0, first, last + 1)
+            while cluster >= 0:
+                if self.claims.claim(cluster):
+                    if runs and runs[-1][0] + runs[-1][1] == cluster:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                    else:
+                        runs.append((cluster, 1))
+                elif busy is None:
+                    busy = cluster
+                cluster = self.restored.find(0, cluster + 1, last + 1)
+            if runs:
+                self.bytes_on_demand += await self._copy(runs)
+            if busy is None:
+                return
+            await self.claims.wait(busy)
+            self._check_usable()
+
+    async def write(self, offset: int, data: bytes) -> int:
+        """A guest write: clusters it covers in part are restored first; the ones it
+        covers whole are claimed (after any copy of them has landed) and become restored
+        with the guest's bytes, never with the backup's."""
+        first, last = self.clusters(offset, len(data))
+        cs = self.cluster_size
+        end = offset + len(data)
+        whole_first = first + (offset % cs != 0)
+        whole_last = last - (end % cs != 0 and end < self.size)
+        for partial in {first, last} - set(range(whole_first, whole_last + 1)):
+            await self.fill(partial, partial)
+        while True:  # no await between the last wait and the claims below
+            busy = next(
+                (
+                    c
+                    for c in range(whole_first, whole_last + 1)
+                    if not self.restored[c] and self.claims.is_claimed(c)
+                ),
+                None,
+            )
+            if busy is None:
+                break
+            await self.claims.wait(busy)
+        mine = [c for c in range(whole_first, whole_last + 1) if not self.restored[c]]
+        for c in mine:
+            self.claims.claim(c)
+        try:
+            written = await trio.to_thread.run_sync(os.pwrite, self.out.fd, data, offset)
+        except BaseException:
+            for c in mine:
+                self.claims.release(c, 1)
+            raise
+        for c in mine:
+            self.restored[c] = 1
+            self.claims.release(c, 1)
+        return written
+
+    async def run_copier(self) -> None:
+        """Fill every cluster not yet restored, in batches; then make DEST durable and
+        say complete. A failure ends the restore as failed, with its reason."""
+        batch = max(1, BATCH_BYTES // self.cluster_size)
+        cursor = 0
+        try:
+            while (cluster := self.restored.find(0, cursor)) >= 0 or (
+                cluster := self.restored.find(0)
+            ) >= 0:
+                self._check_usable()
+                runs: list[tuple[int, int]] = []
+                end = min(len(self.restored), cluster + batch)
+                c = cluster
+                while c < end:
+                    if not self.restored[c] and self.claims.claim(c):
+                        if runs and runs[-1][0] + runs[-1][1] == c:
+                            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                        else:
+                            runs.append((c, 1))
+                    c += 1
+                cursor = end
+                if runs:
+                    self.bytes_copier += await self._copy(runs)
+                else:  # all claimed by readers: let them finish
+                    await self.claims.wait(cluster)
+            await self._finish()
+        except (OSError, CowfsError) as e:
+            self._fail(str(e) if isinstance(e, OSError) else e.message)
+
+    async def _copy(self, runs: list[tuple[int, int]]) -> int:
+        """Restore the claimed runs in a worker thread and mark them restored; returns the
+        bytes. The claims always go back; a corrupt cluster fails the whole restore."""
+        try:
+            copied, length, error = await trio.to_thread.run_sync(
+                self._copy_runs, runs, limiter=self._io_limiter
+            )
+        except BaseException:
+            for first, count in runs:
+                self.claims.release(first, count)
+            raise
+        for i, (first, count) in enumerate(runs):
+            if i < copied:
+                self.restored[first : first + count] = 1
+            self.claims.release(first, count)
+        if isinstance(error, CorruptCluster):
+            self._fail(error.message)
+            raise OSError(errno.EIO, error.message)
+        if error is not None:
+            raise error
+        return length
+
+    def _copy_runs(
+        self, runs: list[tuple[int, int]]
+    ) -> tuple[int, int, OSError | CorruptCluster | None]:
+        """Blocking: read each run from the chain, verified, and write it to DEST.
+        Returns (runs copied, bytes, the error that stopped it or None)."""
+        total = 0
+        for i, (first, count) in enumerate(runs):
+            offset = first * self.cluster_size
+            length = min(count * self.cluster_size, self.size - offset)
+            try:
+                data = bytearray(self.chain.read(offset, length))
+                write_nonzero(self.out, data, offset, length, self.cluster_size)
+            except (OSError, CorruptCluster) as e:
+                return i, total, e
+            total += length
+        return len(runs), total, None
+
+    # -- durability ---------------------------------------------------------------------
+
+    async def save(self) -> None:
+        """Make DEST durable, then the map that says which clusters it holds."""
+        if self.out.format != "raw":
+            return
+        snapshot = self.restored.copy()
+        await trio.to_thread.run_sync(self._sync_and_save, snapshot)
+
+    def _sync_and_save(self, snapshot: bitarray) -> None:
+        os.fdatasync(self.out.fd)
+        if snapshot != self._saved:
+            self._save_map(snapshot)
+            self._saved = snapshot
+
+    async def run_saver(self) -> None:
+        """Save the map every second while the restore runs."""
+        while not self.done.is_set():
+            with trio.move_on_after(SAVE_PERIOD_S):
+                await self.done.wait()
+            if not self.done.is_set():
+                try:
+                    await self.save()
+                except OSError as e:
+                    log.warning("cannot save the restored map of %s: %s", self.dest, e)
+
+    def _save_map(self, bits: bitarray) -> None:
+        header = MAP_HEADER.pack(
+            MAP_MAGIC, 1, self.cluster_size, self.size, _job_id(self.chain).encode()
+        )
+        body = header + bits.tobytes()
+        data = body + hashlib.sha256(body).digest()
+        path = map_path(self.dest)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    async def _finish(self) -> None:
+        await trio.to_thread.run_sync(self.out.fsync)
+        self.state = "complete"
+        self.finished_mono = time.monotonic()
+        await trio.to_thread.run_sync(self._write_record)
+        map_path(self.dest).unlink(missing_ok=True)
+        log.info("restore complete: %s", self.dest)
+        self.done.set()
+
+    def _fail(self, reason: str) -> None:
+        if self.state != "running":
+            return
+        log.error("restore failed: %s", reason)
+        self.state = "failed"
+        self.errors.append(reason)
+        self.finished_mono = time.monotonic()
+        try:
+            self._write_record()
+        except OSError as e:
+            log.error("cannot write the record beside %s: %s", self.dest, e)
+        self.done.set()
+
+    def _check_usable(self) -> None:
+        if self.state == "failed":
+            raise OSError(errno.EIO, f"the restore failed: {self.errors[-1]}")
+
+    def close(self) -> None:
+        self.chain.close()
+        self.out.close()
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    # -- figures ------------------------------------------------------------------------
+
+    def _bytes(self, bits: bitarray) -> int:
+        total = bits.count() * self.cluster_size
+        if bits and bits[-1]:
+            total -= len(bits) * self.cluster_size - self.size
+        return total
+
+    def status(self) -> dict:
+        done = self._bytes(self.restored)
+        elapsed = (self.finished_mono or time.monotonic()) - self.started_mono
+        copied = self.bytes_copier + self.bytes_on_demand
+        rate = copied / elapsed if elapsed > 0 else 0.0
+        return {
+            "restore": True,
+            "state": self.state,
+            "source": str(self.chain.top),
+            "dest": str(self.dest),
+            "format": self.out.format,
+            "point_in_time": self.chain.record.point_in_time,
+            "size": self.size,
+            "cluster_size": self.cluster_size,
+            "bytes_total": self.size,
+            "bytes_done": done,
+            "bytes_resumed": self.resumed_bytes,
+            "bytes_copier": self.bytes_copier,
+            "bytes_on_demand": self.bytes_on_demand,
+            "rate": round(rate),
+            "eta_s": round((self.size - done) / rate, 1)
+            if rate and self.state == "running"
+            else None,
+            "errors": list(self.errors),
+        }
+
+    def _write_record(self) -> None:
+        st = self.status()
+        record = Record(
+            status=self.state,
+            source=str(self.chain.top),
+            target=str(self.dest),
+            format=self.out.format,
+            size=self.size,
+            cluster_size=self.cluster_size,
+            sync=SYNC,
+            point_in_time=self.chain.record.point_in_time,
+            pid=os.getpid(),
+            started=self.started.isoformat(),
+            finished=datetime.now(UTC).isoformat() if self.finished_mono else None,
+            bytes_total=self.size,
+            bytes_done=st["bytes_done"],
+            bytes_copier=self.bytes_copier,
+            bytes_cbw=self.bytes_on_demand,
+            bytes_written=self.bytes_copier + self.bytes_on_demand,
+            duration_s=round(time.monotonic() - self.started_mono, 3),
+            errors=list(self.errors),
+            job=_job_id(self.chain),
+        )
+        write_record(record_path(self.dest), record, reserve=False)
+
+
+def _job_id(chain: BackupChain) -> str:
+    """What ties a restore to its backup: the top link's job id (32 hex digits)."""
+    return (chain.record.job or "").ljust(32, "0")[:32]
+
+
+def _open_dest(dest: Path, flags: int) -> int:
+    try:
+        return os.open(dest, os.O_RDWR | os.O_CLOEXEC | flags, 0o600)
+    except OSError as e:
+        raise CowfsError(f"cannot open destination {dest}: {e.strerror}") from None
+
+
+def _resumable(chain: BackupChain, dest: Path, req: RestoreRequest) -> bitarray | None:
+    """The restored map of DEST if DEST is an unfinished restore of this chain (and not
+    --force); None to start afresh."""
+    if req.force or not dest.is_file():
+        return None
+    try:
+        record = read_record(dest)
+    except CowfsError:
+        return None
+    if record.sync != SYNC or record.job != _job_id(chain) or verdict(record) == "complete":
+        return None
+    if req.fmt != "raw":
+        raise CowfsError(f"{dest} is an unfinished restore; only a raw one resumes (--force)")
+    try:
+        data = map_path(dest).read_bytes()
+    except FileNotFoundError:
+        raise CowfsError(
+            f"{dest} is an unfinished restore without its map {map_path(dest)}; --force starts over"
+        ) from None
+    body, check = data[:-32], data[-32:]
+    count = -(-chain.size // chain.cluster_size)
+    if hashlib.sha256(body).digest() != check or len(body) < MAP_HEADER.size:
+        raise CowfsError(f"{map_path(dest)}: damaged restored map; --force starts over")
+    magic, _version, cluster_size, size, _job = MAP_HEADER.unpack_from(body)
+    if magic != MAP_MAGIC or cluster_size != chain.cluster_size or size != chain.size:
+        raise CowfsError(f"{map_path(dest)}: not this restore's map; --force starts over")
+    bits = bitarray()
+    bits.frombytes(body[MAP_HEADER.size :])
+    del bits[count:]
+    if os.path.getsize(dest) != chain.size:
+        raise CowfsError(f"{dest} changed size since the restore stopped; --force starts over")
+    return bits
+
+
+async def restore_all(restore: Restore, progress: Callable[[int, int], None]) -> None:
+    """Run the copier to the end (no mount): `cowfs restore` without --live."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(restore.run_saver)
+
+        async def report() -> None:
+            while not restore.done.is_set():
+                st = restore.status()
+                progress(st["bytes_done"], st["bytes_total"])
+                with trio.move_on_after(0.2):
+                    await restore.done.wait()
+
+        nursery.start_soon(report)
+        await restore.run_copier()
+        restore.done.set()
+    st = restore.status()
+    progress(st["bytes_done"], st["bytes_total"])

@@ -1,0 +1,139 @@
+"""`cowfs verify` and `cowfs restore`: the commands, their output and their exit codes.
+
+verify exits 0 iff every link of the chain is intact, else 1 with the first bad
+offsets and the file that holds them; restore exits 0 iff DEST is the image at the
+backup's point in time, every cluster verified on the way. Bad input is exit 2, as
+everywhere in cowfs.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .bars import bytes_bar
+from .errors import EXIT_INCOMPLETE, EXIT_OK, CowfsError
+from .log import setup_logging
+from .units import format_bytes
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser(
+        "verify", help="check every cluster of a backup's chain against its checksum"
+    )
+    v.add_argument("target", type=Path, metavar="TARGET")
+
+    r = sub.add_parser("restore", help="write the image at a backup's point in time to DEST")
+    r.add_argument("target", type=Path, metavar="TARGET")
+    r.add_argument("dest", type=Path, metavar="DEST")
+    r.add_argument("--format", choices=["raw", "qcow2"], default="raw", help="DEST's format")
+    r.add_argument(
+        "--force", action="store_true", help="replace DEST (or start an unfinished one over)"
+    )
+    r.add_argument(
+        "--live",
+        type=Path,
+        metavar="MOUNTPOINT",
+        help="serve DEST at once as MOUNTPOINT/<name of DEST>, read-write, while it fills",
+    )
+    r.add_argument("--allow-other", action="store_true", help="let other users reach the live file")
+    r.add_argument("-f", "--foreground", action="store_true", help="(--live) stay attached")
+    r.add_argument("--debug", action="store_true", help="log every step")
+    v.add_argument("--debug", action="store_true", help="log every step")
+
+
+def _quiet(args: argparse.Namespace) -> None:
+    """The commands print their outcome; the log is for --debug (a live restore's
+    daemon sets its own up)."""
+    if args.debug:
+        setup_logging(None, debug=True)
+    else:
+        logging.getLogger("cowfs").addHandler(logging.NullHandler())
+
+
+def verify(args: argparse.Namespace) -> int:
+    from .chainread import BackupChain
+
+    top = args.target.absolute()
+    if not top.is_file():
+        raise CowfsError(f"{args.target}: no such backup")
+    _quiet(args)
+    try:
+        chain = BackupChain.open(top)
+    except CowfsError as e:  # a link missing, incomplete or without intact checksums
+        print(f"bad: {e.message}")
+        print("verify: FAILED: the chain cannot be read")
+        return EXIT_INCOMPLETE
+    try:
+        bar = bytes_bar("verifying") if sys.stderr.isatty() else None
+        if bar is not None:
+            bar.total = chain.bytes_to_verify
+        problems = list(chain.verify(bar.update if bar is not None else lambda n: None))
+        if bar is not None:
+            bar.close()
+    finally:
+        chain.close()
+    for problem in problems:
+        print(f"bad: {problem}")
+    links = len(chain.links)
+    if problems:
+        print(f"verify: FAILED: {len(problems)} problem(s) in a chain of {links} link(s)")
+        return EXIT_INCOMPLETE
+    size = format_bytes(chain.bytes_to_verify)
+    print(
+        f"verify: ok: {links} link(s), {size} checked, point in time {chain.record.point_in_time}"
+    )
+    return EXIT_OK
+
+
+def restore(args: argparse.Namespace) -> int:
+    import trio
+
+    from .restore import Restore, RestoreRequest, restore_all
+
+    req = RestoreRequest(args.target.absolute(), args.dest.absolute(), args.format, args.force)
+    _quiet(args)
+    if args.live is not None:
+        if args.format != "raw":
+            raise CowfsError("a live restore writes a raw image (--format raw)")
+        from .restore_mount import run_live_restore
+
+        return run_live_restore(req, args.live.absolute(), args)
+    from .claims import Claim
+
+    claim = Claim.take("target", req.dest, "destination")
+    try:
+        r = Restore.prepare(req)
+        try:
+            r.begin()
+            if r.resumed:
+                print(f"resuming: {format_bytes(r.resumed_bytes)} already restored")
+            bar = bytes_bar("restoring") if sys.stderr.isatty() else None
+
+            def progress(done: int, total: int) -> None:
+                if bar is not None:
+                    bar.total, bar.n = total, done
+                    bar.refresh()
+
+            try:
+                trio.run(restore_all, r, progress)
+            except KeyboardInterrupt:
+                print(f"cowfs: interrupted; {req.dest} is incomplete (restore again resumes)")
+                return EXIT_INCOMPLETE
+            finally:
+                if bar is not None:
+                    bar.close()
+        finally:
+            r.close()
+    finally:
+        claim.release()
+    st = r.status()
+    if r.state != "complete":
+        print(f"restore: FAILED: {st['errors'][-1] if st['errors'] else r.state}")
+        print(f"incomplete: {req.dest} (its record says {r.state})")
+        return EXIT_INCOMPLETE
+    print(
+        f"restored: {req.dest} ({r.out.format}, {format_bytes(r.size)}), point in time "
+        f"{r.chain.record.point_in_time}, every cluster verified"
+    )
+    return EXIT_OK
