@@ -387,6 +387,9 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
+    if st.get("restore"):
+        restore_cli.print_status(st)
+        return EXIT_OK
     mounted = "mounted" if st["mounted"] else "unmounted, jobs copy what is left"
     print(f"mount: {st['mountpoint']} ({mounted}), pid {st['pid']}")
     for image in st["images"]:
@@ -445,6 +448,10 @@ def _unmount_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _interrupted(args.mountpoint, st)
     print(f"unmounted {st['mountpoint']}")
+    if st.get("restore"):  # the copy finished from the quiet backup: what DEST is now
+        record = read_record(Path(st["dest"]))
+        _print_record(record)
+        return EXIT_OK if verdict(record) == "complete" else EXIT_INCOMPLETE
     return EXIT_OK
 
 
@@ -693,9 +700,10 @@ def _print_record(record: Record) -> None:
     print(f"source: {record.source}, {format_bytes(record.size)}")
     print(f"point in time: {record.point_in_time}")
     print(f"sync: {record.sync}, cluster size {format_bytes(record.cluster_size)}")
+    by = "on demand (copy on read)" if record.sync == "restore" else "by copy-before-write"
     print(
         f"copied: {format_bytes(record.bytes_copier)} by the copier, "
-        f"{format_bytes(record.bytes_cbw)} by copy-before-write, "
+        f"{format_bytes(record.bytes_cbw)} {by}, "
         f"{format_bytes(record.bytes_written)} written"
     )
     if record.bitmap:

@@ -45,7 +45,38 @@ def listen(path: Path) -> socket.socket:
     return sock
 
 
-class ControlServer:
+class ControlEndpoint:
+    """One request per connection, answered by `command` in a task of its own."""
+
+    async def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Accept requests until cancelled."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        await trio.serve_listeners(self._answer, [listener])
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        """One request, one reply. A client that misbehaves or leaves costs it its answer,
+        never the daemon (a bug here is logged, the jobs go on)."""
+        async with stream:
+            try:
+                request = await _read_request(stream)
+                reply = {"ok": True, "status": await self.command(request)}
+            except (ValueError, TypeError, KeyError) as e:
+                reply = {"ok": False, "error": f"bad request: {e}"}
+            except CowfsError as e:
+                reply = {"ok": False, "error": e.message}
+            except (OSError, trio.BrokenResourceError):
+                return
+            except Exception as e:
+                log.exception("internal error answering a control request")
+                reply = {"ok": False, "error": f"internal error: {e!r}"}
+            with contextlib.suppress(OSError, trio.BrokenResourceError):
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+class ControlServer(ControlEndpoint):
     """Answers status requests and commands for the jobs of one mount."""
 
     def __init__(self, registry: Registry, stop_serving: Callable[[], None]) -> None:
@@ -107,30 +138,6 @@ class ControlServer:
             case other:
                 raise CowfsError(f"unknown control request {other!r}")
         return registry.status()
-
-    async def serve(self, sock: socket.socket) -> None:
-        """Accept requests until cancelled."""
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        await trio.serve_listeners(self._answer, [listener])
-
-    async def _answer(self, stream: trio.SocketStream) -> None:
-        """One request, one reply. A client that misbehaves or leaves costs it its answer,
-        never the daemon (a bug here is logged, the jobs go on)."""
-        async with stream:
-            try:
-                request = await _read_request(stream)
-                reply = {"ok": True, "status": await self.command(request)}
-            except (ValueError, TypeError, KeyError) as e:
-                reply = {"ok": False, "error": f"bad request: {e}"}
-            except CowfsError as e:
-                reply = {"ok": False, "error": e.message}
-            except (OSError, trio.BrokenResourceError):
-                return
-            except Exception as e:
-                log.exception("internal error answering a control request")
-                reply = {"ok": False, "error": f"internal error: {e!r}"}
-            with contextlib.suppress(OSError, trio.BrokenResourceError):
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
 
 
 def _range(request: dict[str, Any]) -> bool:

@@ -46,9 +46,10 @@ class Readiness:
         self._send(reason.encode())
 
 
-def daemonize(log_file: Path) -> Readiness:
-    """Fork. In the parent: wait for the child's word, then exit. In the child: detach
-    from the terminal, send output to `log_file`, and return the readiness pipe."""
+def daemonize(log_file: Path, ready_message: str | None = None) -> Readiness:
+    """Fork. In the parent: wait for the child's word, then exit (printing
+    `ready_message` if the child is ready). In the child: detach from the terminal,
+    send output to `log_file`, and return the readiness pipe."""
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -60,6 +61,8 @@ def daemonize(log_file: Path) -> Readiness:
             chunks.append(chunk)
         message = b"".join(chunks).decode(errors="replace")
         if message == READY.decode():
+            if ready_message is not None:
+                print(ready_message, flush=True)
             os._exit(0)
         reason = message or f"the cowfs daemon died before the mount was ready; see {log_file}"
         print(f"cowfs: error: {reason}", file=sys.stderr, flush=True)

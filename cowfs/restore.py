@@ -105,6 +105,7 @@ class Restore:
         self.done = trio.Event()
         self._saved = restored.copy()
         self._io_limiter = trio.CapacityLimiter(2)
+        self._saving = trio.Lock()
 
     # -- starting ----------------------------------------------------------------------
 
@@ -183,39 +184,33 @@ class Restore:
     async def write(self, offset: int, data: bytes) -> int:
         """A guest write: clusters it covers in part are restored first; the ones it
         covers whole are claimed (after any copy of them has landed) and become restored
-        with the guest's bytes, never with the backup's."""
+        with the guest's bytes, never with the backup's. Writes land in the page cache
+        inline, as the live mount's do."""
         first, last = self.clusters(offset, len(data))
+        if self.restored.find(0, first, last + 1) < 0:
+            return os.pwrite(self.out.fd, data, offset)
         cs = self.cluster_size
         end = offset + len(data)
         whole_first = first + (offset % cs != 0)
         whole_last = last - (end % cs != 0 and end < self.size)
         for partial in {first, last} - set(range(whole_first, whole_last + 1)):
             await self.fill(partial, partial)
-        while True:  # no await between the last wait and the claims below
-            busy = next(
-                (
-                    c
-                    for c in range(whole_first, whole_last + 1)
-                    if not self.restored[c] and self.claims.is_claimed(c)
-                ),
-                None,
-            )
-            if busy is None:
-                break
+        while (busy := self._claimed_unrestored(whole_first, whole_last)) is not None:
             await self.claims.wait(busy)
-        mine = [c for c in range(whole_first, whole_last + 1) if not self.restored[c]]
-        for c in mine:
-            self.claims.claim(c)
-        try:
-            written = await trio.to_thread.run_sync(os.pwrite, self.out.fd, data, offset)
-        except BaseException:
-            for c in mine:
-                self.claims.release(c, 1)
-            raise
-        for c in mine:
-            self.restored[c] = 1
-            self.claims.release(c, 1)
+        # No await from the last look to the mark: no copy of these clusters is under way,
+        # and none can start before they say restored.
+        written = os.pwrite(self.out.fd, data, offset)
+        if whole_first <= whole_last:
+            self.restored[whole_first : whole_last + 1] = 1
         return written
+
+    def _claimed_unrestored(self, first: int, last: int) -> int | None:
+        cluster = self.restored.find(0, first, last + 1)
+        while cluster >= 0:
+            if self.claims.is_claimed(cluster):
+                return cluster
+            cluster = self.restored.find(0, cluster + 1, last + 1)
+        return None
 
     async def run_copier(self) -> None:
         """Fill every cluster not yet restored, in batches; then make DEST durable and
@@ -288,15 +283,16 @@ class Restore:
     # -- durability ---------------------------------------------------------------------
 
     async def save(self) -> None:
-        """Make DEST durable, then the map that says which clusters it holds."""
-        if self.out.format != "raw":
-            return
-        snapshot = self.restored.copy()
-        await trio.to_thread.run_sync(self._sync_and_save, snapshot)
+        """Make DEST durable, then the map that says which clusters it holds (a guest's
+        fsync: its writes survive a crash and a resume)."""
+        async with self._saving:
+            snapshot = self.restored.copy()
+            map_too = self.running and self.out.format == "raw" and snapshot != self._saved
+            await trio.to_thread.run_sync(self._sync_and_save, snapshot if map_too else None)
 
-    def _sync_and_save(self, snapshot: bitarray) -> None:
+    def _sync_and_save(self, snapshot: bitarray | None) -> None:
         os.fdatasync(self.out.fd)
-        if snapshot != self._saved:
+        if snapshot is not None:
             self._save_map(snapshot)
             self._saved = snapshot
 
@@ -328,11 +324,12 @@ class Restore:
         os.replace(tmp, path)
 
     async def _finish(self) -> None:
-        await trio.to_thread.run_sync(self.out.fsync)
-        self.state = "complete"
-        self.finished_mono = time.monotonic()
-        await trio.to_thread.run_sync(self._write_record)
-        map_path(self.dest).unlink(missing_ok=True)
+        async with self._saving:  # no map save after this: the record says complete
+            await trio.to_thread.run_sync(self.out.fsync)
+            self.state = "complete"
+            self.finished_mono = time.monotonic()
+            await trio.to_thread.run_sync(self._write_record)
+            map_path(self.dest).unlink(missing_ok=True)
         log.info("restore complete: %s", self.dest)
         self.done.set()
 

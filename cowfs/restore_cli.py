@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .bars import bytes_bar
 from .errors import EXIT_INCOMPLETE, EXIT_OK, CowfsError
@@ -137,3 +138,24 @@ def restore(args: argparse.Namespace) -> int:
         f"{r.chain.record.point_in_time}, every cluster verified"
     )
     return EXIT_OK
+
+
+def print_status(st: dict[str, Any]) -> None:
+    """`cowfs status` of a live restore."""
+    mounted = "mounted" if st["mounted"] else "unmounted, copying what is left"
+    print(f"live restore: {st['live']} ({mounted}), pid {st['pid']}")
+    print(f"state: {st['state']}")
+    print(f"from: {st['source']} (point in time {st['point_in_time']})")
+    print(f"into: {st['dest']}, {format_bytes(st['size'])}")
+    total, done = st["bytes_total"], st["bytes_done"]
+    pct = 100.0 * done / total if total else 100.0
+    print(f"progress: {pct:.1f}% ({format_bytes(done)} of {format_bytes(total)})")
+    eta = f", ETA {st['eta_s']:.0f} s" if st.get("eta_s") is not None else ""
+    print(
+        f"restored: {format_bytes(st['bytes_copier'])} by the copier, "
+        f"{format_bytes(st['bytes_on_demand'])} on demand (reads and partial writes), "
+        f"{format_bytes(st['bytes_resumed'])} before a resume; "
+        f"rate {format_bytes(st['rate'])}/s{eta}"
+    )
+    for err in st["errors"]:
+        print(f"error: {err}")
