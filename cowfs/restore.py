@@ -34,6 +34,7 @@ from bitarray.util import zeros
 from .chainread import BackupChain, CorruptCluster
 from .errors import CowfsError
 from .locks import ClusterClaims
+from .ratelimit import RateLimiter
 from .record import Record, read_record, record_path, verdict, write_record
 from .target import Qcow2Target, RawTarget
 from .target.qcow2 import MAX_CLUSTER
@@ -72,6 +73,8 @@ class RestoreRequest:
     dest: Path
     fmt: str = "raw"
     force: bool = False
+    speed: int = 0
+    """The copier's limit in bytes/s (0: none); reads and writes on demand are not limited."""
 
 
 class Restore:
@@ -84,6 +87,7 @@ class Restore:
         out: RawTarget | Qcow2Target,
         restored: bitarray,
         resumed: bool,
+        speed: int = 0,
     ) -> None:
         self.chain = chain
         self.dest = dest
@@ -106,6 +110,7 @@ class Restore:
         self._saved = restored.copy()
         self._io_limiter = trio.CapacityLimiter(2)
         self._saving = trio.Lock()
+        self.limiter = RateLimiter(speed)
 
     # -- starting ----------------------------------------------------------------------
 
@@ -124,7 +129,7 @@ class Restore:
             restored = _resumable(chain, dest, req)
             if restored is not None:
                 out: RawTarget | Qcow2Target = ResumedRaw(dest, _open_dest(dest, 0))
-                return cls(chain, dest, out, restored, resumed=True)
+                return cls(chain, dest, out, restored, resumed=True, speed=req.speed)
             if dest.exists() or dest.is_symlink():
                 if not req.force:
                     raise CowfsError(f"destination {dest} exists; --force replaces it")
@@ -139,7 +144,7 @@ class Restore:
                 out = RawTarget(dest, _open_dest(dest, os.O_CREAT | os.O_EXCL))
                 os.ftruncate(out.fd, chain.size)
             count = -(-chain.size // chain.cluster_size)
-            return cls(chain, dest, out, zeros(count), resumed=False)
+            return cls(chain, dest, out, zeros(count), resumed=False, speed=req.speed)
         except BaseException:
             chain.close()
             raise
@@ -234,7 +239,9 @@ class Restore:
                     c += 1
                 cursor = end
                 if runs:
-                    self.bytes_copier += await self._copy(runs)
+                    copied = await self._copy(runs)
+                    self.bytes_copier += copied
+                    await self.limiter.account(copied)
                 else:  # all claimed by readers: let them finish
                     await self.claims.wait(cluster)
             await self._finish()

@@ -15,7 +15,7 @@ from typing import Any
 from .bars import bytes_bar
 from .errors import EXIT_INCOMPLETE, EXIT_OK, CowfsError
 from .log import setup_logging
-from .units import format_bytes
+from .units import format_bytes, parse_size
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="MOUNTPOINT",
         help="serve DEST at once as MOUNTPOINT/<name of DEST>, read-write, while it fills",
+    )
+    r.add_argument(
+        "--speed", default="0", metavar="RATE", help="limit the copier (bytes/s, K/M/G); 0: none"
     )
     r.add_argument("--allow-other", action="store_true", help="let other users reach the live file")
     r.add_argument("-f", "--foreground", action="store_true", help="(--live) stay attached")
@@ -92,7 +95,10 @@ def restore(args: argparse.Namespace) -> int:
 
     from .restore import Restore, RestoreRequest, restore_all
 
-    req = RestoreRequest(args.target.absolute(), args.dest.absolute(), args.format, args.force)
+    speed = parse_size(args.speed, "speed")
+    req = RestoreRequest(
+        args.target.absolute(), args.dest.absolute(), args.format, args.force, speed
+    )
     _quiet(args)
     if args.live is not None:
         if args.format != "raw":
