@@ -713,6 +713,8 @@ def _print_record(record: Record) -> None:
         print(f"job: {record.group}, with the peers {peers}")
     if record.backing:
         print(f"backing file: {record.backing}")
+    for merged in record.merged:
+        print(f"merged: {merged}")
     if record.duration_s is not None:
         print(f"duration: {record.duration_s:.1f} s")
     for err in record.errors:
@@ -735,4 +737,5 @@ _COMMANDS = {
     "bitmap": _bitmap,
     "verify": restore_cli.verify,
     "restore": restore_cli.restore,
+    "commit": restore_cli.commit,
 }

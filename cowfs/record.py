@@ -58,6 +58,8 @@ class Record:
     checksums: str | None = None
     """The SHA-256 of the checksum file beside the target (sums.py): it covers that file."""
     checksum_algorithm: str | None = None
+    merged: list[str] = field(default_factory=list)
+    """The incrementals `cowfs commit` merged into this link, oldest first."""
     version: int = 1
 
 

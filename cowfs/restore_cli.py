@@ -24,6 +24,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     v.add_argument("target", type=Path, metavar="TARGET")
 
+    c = sub.add_parser(
+        "commit", help="merge an incremental into its backing file (qemu-img commit), verified"
+    )
+    c.add_argument("target", type=Path, metavar="TOP")
+
     r = sub.add_parser("restore", help="write the image at a backup's point in time to DEST")
     r.add_argument("target", type=Path, metavar="TARGET")
     r.add_argument("dest", type=Path, metavar="DEST")
@@ -86,6 +91,20 @@ def verify(args: argparse.Namespace) -> int:
     size = format_bytes(chain.bytes_to_verify)
     print(
         f"verify: ok: {links} link(s), {size} checked, point in time {chain.record.point_in_time}"
+    )
+    return EXIT_OK
+
+
+def commit(args: argparse.Namespace) -> int:
+    from .commit import commit as merge
+
+    top = args.target.absolute()
+    if not top.is_file():
+        raise CowfsError(f"{args.target}: no such backup")
+    link = merge(top)
+    print(
+        f"merged {top} into {link.path}: it is now the image at {link.record.point_in_time}, "
+        f"every merged cluster verified; {top} still restores and may be removed"
     )
     return EXIT_OK
 
