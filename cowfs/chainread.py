@@ -56,10 +56,13 @@ class ChainLink:
         start, length = sums.extent(i)
         if state == RELEASED:
             raise CorruptCluster(self.path, start, "released by a view's reader: not in the backup")
-        _, held = self.file.holds(start, length)
+        try:
+            _, held = self.file.holds(start, length)
+            data = self.file.read(start, length)
+        except CowfsError as e:  # a damaged table or a cluster outside the file
+            raise CorruptCluster(self.path, start, e.message) from None
         if not held and not (self.bottom and isinstance(self.file, Qcow2Link)):
             raise CorruptCluster(self.path, start, "missing from the file (reads through)")
-        data = self.file.read(start, length)
         if state == ZERO:
             if data.count(0) != len(data):
                 raise CorruptCluster(self.path, start, "should read as zeros but does not")
@@ -73,12 +76,17 @@ class ChainLink:
         if i >= self.sums.count:
             return
         start, length = self.sums.extent(i)
-        if isinstance(self.file, RawLink):
-            data = self.file.read(start, length)
-            if data.count(0) != len(data):
-                raise CorruptCluster(self.path, start, "a hole of the backup holds data")
-        elif self.file.holds(start, length)[0]:
-            raise CorruptCluster(self.path, start, "holds data no backup job wrote there")
+        try:
+            if isinstance(self.file, RawLink):
+                data = self.file.read(start, length)
+                if data.count(0) != len(data):
+                    raise CorruptCluster(self.path, start, "a hole of the backup holds data")
+            elif self.file.holds(start, length)[0]:
+                raise CorruptCluster(self.path, start, "holds data no backup job wrote there")
+        except CorruptCluster:
+            raise
+        except CowfsError as e:
+            raise CorruptCluster(self.path, start, e.message) from None
 
 
 class BackupChain:
