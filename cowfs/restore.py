@@ -180,7 +180,8 @@ class Restore:
                     busy = cluster
                 cluster = self.restored.find(0, cluster + 1, last + 1)
             if runs:
-                self.bytes_on_demand += await self._copy(runs)
+                copied = await self._copy(runs)  # not `+= await`: that reads the count before
+                self.bytes_on_demand += copied  # the await, losing what others added meanwhile
             if busy is None:
                 return
             await self.claims.wait(busy)
