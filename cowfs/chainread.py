@@ -118,6 +118,8 @@ class BackupChain:
                         f"{link.path}: a fleecing target (--sync none) holds only the old "
                         "content of overwritten clusters: it is not an image"
                     )
+                if record.sync == "restore":
+                    raise CowfsError(f"{link.path}: a restored image, not a backup")
                 if record.checksums is None:
                     raise CowfsError(
                         f"{link.path}: no checksums recorded (written by an older cowfs); "

@@ -449,9 +449,7 @@ def _unmount_command(args: argparse.Namespace) -> int:
         return _interrupted(args.mountpoint, st)
     print(f"unmounted {st['mountpoint']}")
     if st.get("restore"):  # the copy finished from the quiet backup: what DEST is now
-        record = read_record(Path(st["dest"]))
-        _print_record(record)
-        return EXIT_OK if verdict(record) == "complete" else EXIT_INCOMPLETE
+        return _report_record(Path(st["dest"]))
     return EXIT_OK
 
 
@@ -655,10 +653,15 @@ def _wait_and_report(status: dict) -> int:
     """Wait for the daemon to exit (with a progress bar on a terminal), then print what
     the newest job's record says (a mount that ran no job: just that it is gone)."""
     _wait_for_exit(Path(status["mountpoint"]), status)
-    if "target" not in status:
+    written = status.get("target") or status.get("dest")  # a backup's, a live restore's
+    if written is None:
         print(f"unmounted {status['mountpoint']}")
         return EXIT_OK
-    record = read_record(Path(status["target"]))
+    return _report_record(Path(written))
+
+
+def _report_record(target: Path) -> int:
+    record = read_record(target)
     _print_record(record)
     return EXIT_OK if verdict(record) == "complete" else EXIT_INCOMPLETE
 
