@@ -57,6 +57,26 @@ Per repetition (medians over `--repeat`):
       a qcow2 fleecing image, snapshot-access over it, both FUSE exports). The view's
       hash must equal the pristine image's. The writer's MiB/s during the read against
       the same passes with the job running and no reader.
+  (j) checksums, verify and restore: a chain built as in (h) on one running mount (a full
+      qcow2 backup anchoring a bitmap, then per `--dirty` percentage the dirty writes --
+      other offsets for each link -- and an incremental over the link before), read back
+      with a warm page cache (os.sync before each timed command, as (c) and (f), no drop):
+      `cowfs verify TOP` vs `qemu-img check` of every link + `qemu-img convert -n` of the top
+      into a null-co node (every cluster read, nothing written), and vs the same checks +
+      `qemu-img convert -O raw` into a file; `cowfs restore TOP DEST` (+fsync) vs `qemu-img
+      convert -O raw` (+fsync: qemu-img's default cache mode does not flush), and both into
+      qcow2. Every output must equal the source as it was at the top's point in time. What
+      the checksums cost a full backup: XXH3-128 of the image's non-zero 64K clusters in
+      process (and through `Checksums.data`, as the job records them) over the chain's full
+      backup (job + fsync); with `--baseline-rev REV` (e.g. e7f9d40, the commit before
+      checksums; needs this repository's history) also full backups by REV's code and this
+      tree's, alternating ABBA. Then `LIVE_READS` 64K reads of distinct clusters of the upper
+      half right after `cowfs restore TOP DEST --live MP --speed --live-speed` (20M) returns
+      (the copier, filling from the start, does not reach them: every read restores its
+      cluster first), vs the same reads of the raw file `cowfs restore` wrote (page cache)
+      and of QEMU's nearest, a read-only qemu-storage-daemon FUSE export of the qcow2 chain;
+      each read checked against the restored file. The live restore is then stopped with
+      SIGTERM (it stays resumable; `cowfs unmount` would wait for the whole copy).
   (k) crash-safe change tracking (issue 9): the writes of (b) through a mount with no
       job, once with no bitmap (no tracking) and once with one (every write marks it,
       the first write into a region waits for its intent record, saves every 10 s),
@@ -68,7 +88,7 @@ Per repetition (medians over `--repeat`):
       mount with tracking on is (h).
 
 The table shows medians over `--repeat` and the spread (min-max) of the per-repetition
-ratios. `--phases` picks any of a-i and k (default all); figures of a `--py-spy` run are not
+ratios. `--phases` picks any of a-k (default all); figures of a `--py-spy` run are not
 comparable.
 
 Run as root with the project's venv:  .venv/bin/python scripts/bench.py
@@ -83,6 +103,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import select
 import shutil
 import signal
@@ -97,12 +118,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import xxhash
+
 from cowfs.bitmap import store_path
 from cowfs.claims import claim_file
 from cowfs.control import read_status, send_command
 from cowfs.errors import CowfsError
 from cowfs.intent import intent_path
 from cowfs.record import FINAL_STATES
+from cowfs.sums import Checksums, sums_path
 
 REPO = Path(__file__).resolve().parent.parent
 COWFS = [sys.executable, "-m", "cowfs"]
@@ -111,7 +135,7 @@ RSS_SOURCE_SIZE = 1 << 40
 RSS_LIMIT_MIB = 100
 POLL_S = 0.1
 """Status polling interval, as the anchor polls QMP: cheap for the daemon (one control read)."""
-PHASES = "abcdefghik"
+PHASES = "abcdefghijk"
 DIRTY_BS = 64 << 10
 """(e) dirties whole 64K clusters: cowfs's default cluster and bitmap granularity, QEMU's too."""
 BITMAP = "bench"
@@ -126,6 +150,10 @@ PASS_SEED_STEP = 7919
 """(g): pass i writes with seed + i * this: other offsets and data in every pass."""
 BARRIER_LEAD_S = 0.5
 """(g): the writer writes this long before the first barrier, so none meets a cold start."""
+LIVE_READS = 1000
+"""(j): 64K reads per side of a live restore's unrestored clusters."""
+LIVE_SPACING = 4
+"""(j): the reads' clusters are at least this many clusters apart (FUSE readahead: 128K)."""
 CONSTANT_REFS = {"limit": RSS_LIMIT_MIB, "goal": BARRIER_GOAL_MS}
 """Table references that are fixed figures, not measurements."""
 
@@ -174,10 +202,28 @@ def run_cowfs(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
 
 
+class Cli:
+    """How cowfs is run: this checkout's (`CURRENT`), or another revision's code (`--baseline-rev`:
+    its tree on PYTHONPATH, and `-P` so that the working directory, which `-m` would put
+    first on sys.path, cannot shadow it)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.argv, self.env = argv, env
+
+    def run(self, argv: list[str], timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False, env=self.env
+        )
+
+
+CURRENT = Cli(COWFS)
+
+
 class CowfsMount:
     """One `cowfs mount` daemon; `teardown()` is idempotent and always leaves nothing behind."""
 
     live: Path
+    cli: Cli = CURRENT
 
     def __init__(self, source: Path, mountpoint: Path, target: Path | None, *options: str) -> None:
         self.source, self.mountpoint, self.target = source, mountpoint, target
@@ -186,11 +232,11 @@ class CowfsMount:
 
     def start(self) -> "CowfsMount":
         self.mountpoint.mkdir(exist_ok=True)
-        argv = [*COWFS, "mount", str(self.source), str(self.mountpoint)]
+        argv = [*self.cli.argv, "mount", str(self.source), str(self.mountpoint)]
         if self.target is not None:
             argv += ["--target", str(self.target), "--force"]
         argv += self.options
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        done = self.cli.run(argv, timeout=120)
         if done.returncode:
             self.teardown()
             raise RuntimeError(f"cowfs mount failed: {done.stderr.strip()}")
@@ -224,16 +270,12 @@ class CowfsMount:
         raise KeyError(field)
 
     def finish(self) -> int:
-        done = subprocess.run(
-            [*COWFS, "finish", str(self.mountpoint)], capture_output=True, text=True, check=False
-        )
+        done = self.cli.run([*self.cli.argv, "finish", str(self.mountpoint)])
         wait_for(lambda: pid_gone(self.pid), 60)
         return done.returncode
 
     def cancel(self) -> int:
-        done = subprocess.run(
-            [*COWFS, "cancel", str(self.mountpoint)], capture_output=True, text=True, check=False
-        )
+        done = self.cli.run([*self.cli.argv, "cancel", str(self.mountpoint)])
         wait_for(lambda: pid_gone(self.pid), 60)
         return done.returncode
 
@@ -252,8 +294,11 @@ class CowfsMount:
 
 
 @contextmanager
-def cowfs_mount(source: Path, mnt: Path, target: Path, *options: str) -> Iterator[CowfsMount]:
+def cowfs_mount(
+    source: Path, mnt: Path, target: Path, *options: str, cli: Cli = CURRENT
+) -> Iterator[CowfsMount]:
     m = CowfsMount(source, mnt, target, *options)
+    m.cli = cli
     try:
         yield m.start()
     finally:
@@ -451,6 +496,8 @@ class Bench:
         self.pristine = wd / "pristine.raw"
         self.mnt = wd / "mnt"
         self.expected: dict[int, Path] = {}
+        self.baseline: Cli | None = None
+        """(j) with --baseline-rev: that revision's cowfs."""
 
     def workload(self, bs: int) -> Any:
         return qb.Workload(self.a.size, bs, self.a.total, "random", self.a.seed + 1000)
@@ -458,6 +505,8 @@ class Bench:
     def prepare(self) -> None:
         log(f"creating the {self.a.size / MiB:g} MiB source image (seed {self.a.seed})")
         qb.make_source_image(str(self.pristine), self.a.size, self.a.seed)
+        if self.a.baseline_rev and "j" in self.a.phases:
+            self.baseline = baseline_cli(self.a.baseline_rev, self.wd / "baseline")
         if not {"a", "b", "k"} & set(self.a.phases):
             return  # only (a), (b) and (k) check a source against its expected image
         for bs in self.a.bs:
@@ -479,6 +528,8 @@ class Bench:
             Path(str(p) + ".cowfs.log").unlink(missing_ok=True)
             store_path(p).unlink(missing_ok=True)
             intent_path(p).unlink(missing_ok=True)
+            sums_path(p).unlink(missing_ok=True)
+            Path(str(p) + ".cowfs-restore").unlink(missing_ok=True)  # a live restore's map
 
     def profile_path(self, tag: str) -> Path | None:
         return Path(self.a.py_spy) / f"{tag}.txt" if self.a.py_spy else None
@@ -595,12 +646,14 @@ class Bench:
         self.rm(src, tgt)
         return out
 
-    def timed_backup(self, src: Path, tgt: Path, spy: str | None, *options: str) -> dict[str, Any]:
+    def timed_backup(
+        self, src: Path, tgt: Path, spy: str | None, *options: str, cli: Cli = CURRENT
+    ) -> dict[str, Any]:
         """A backup with no writer: mount, finish at once, fsync the target. `finish`
         returns when the copier is done and the daemon has fsynced and gone, so
         mount -> finish is the job; the extra fsync finds anything still unwritten."""
         t0 = qb.mono()
-        with cowfs_mount(src, self.mnt, tgt, *options) as m:
+        with cowfs_mount(src, self.mnt, tgt, *options, cli=cli) as m:
             t1 = qb.mono()
             with py_spy(m.pid, self.profile_path(spy) if spy else None):
                 rc = m.finish()
@@ -629,14 +682,17 @@ class Bench:
 
     # -- (e) incremental backups of a partly dirty image ------------------------------------
 
-    def dirty_workload(self, pct: float) -> Any:
+    def dirty_workload(self, pct: float, link: int = 0) -> Any:
         """64K random writes whose distinct clusters cover `pct` % of the image: random
         offsets repeat, and n writes touch N(1 - e^(-n/N)) of N clusters on average, so
         n = -N ln(1 - pct/100). Seed+1001 is the anchor's phase-1 writer with the same
-        size, bs and total: both sides dirty the same clusters with the same data."""
+        size, bs and total: both sides dirty the same clusters with the same data.
+        `link` n > 0 (the n-th incremental of a chain, (j)) moves the seed by n * PASS_SEED_STEP:
+        other offsets and data, so a 10 % set does not start with the 1 % set before it."""
         n_clusters = self.a.size // DIRTY_BS
         n = max(1, round(-n_clusters * math.log1p(-pct / 100)))
-        return qb.Workload(self.a.size, DIRTY_BS, n * DIRTY_BS, "random", self.a.seed + 1001)
+        seed = self.a.seed + 1001 + link * PASS_SEED_STEP
+        return qb.Workload(self.a.size, DIRTY_BS, n * DIRTY_BS, "random", seed)
 
     def qemu_incremental(self, pct: float) -> dict[str, Any]:
         """The anchor's bitmap + full (qcow2, as ours), phase-1 writes through its FUSE
@@ -935,6 +991,243 @@ class Bench:
             self.rm(src, store, live, snap)
         return res
 
+    # -- (j) checksums: verify, restore, live restore ----------------------------------------
+
+    def checksummed_chain(self, rep: int) -> dict[str, Any]:
+        """A full qcow2 backup and one incremental per `--dirty` percentage on one running
+        mount (as (h)); what hashing costs the full; then the chain read back by cowfs and
+        by QEMU's nearest equivalents: verify, restore raw and qcow2, and 64K reads of a
+        live restore's unrestored clusters."""
+        n = f"rep {rep + 1}/{self.a.repeat} (j)"
+        src = self.fresh("j_src.raw")
+        links = [self.wd / "j_full.qcow2"]
+        links += [self.wd / f"j_inc{i + 1}.qcow2" for i in range(len(self.a.dirty))]
+        top, expected, restored = links[-1], self.wd / "j_expected.raw", self.wd / "j_restored.raw"
+        out: dict[str, Any] = {"qemu": {}, "cowfs": {}}
+        try:
+            out["chain"] = self._chain(src, links, expected)
+            log(f"{n} XXH3-128 of the image's data clusters, in process")
+            out["hash"] = self.hash_cost()
+            if self.baseline is not None:
+                log(f"{n} full backups: {self.a.baseline_rev} (no checksums) vs this tree, ABBA")
+                out["baseline"] = self.baseline_full(rep)
+            log(f"{n} qemu-img check of each link + convert to null-co; cowfs verify")
+            out["qemu"]["verify"] = self.qemu_verify(links)
+            out["cowfs"]["verify"] = self.cowfs_verify(top)
+            for fmt in ("raw", "qcow2"):
+                log(f"{n} qemu-img convert -O {fmt}; cowfs restore --format {fmt}")
+                out["qemu"][f"convert_{fmt}"] = self.qemu_convert(top, fmt, expected)
+                dst = restored if fmt == "raw" else self.wd / "j_restored.qcow2"
+                try:
+                    out["cowfs"][f"restore_{fmt}"] = self.cowfs_restore(top, dst, fmt, expected)
+                finally:
+                    if fmt != "raw":
+                        self.rm(dst)
+            q = out["qemu"]
+            q["verify_file_s"] = q["verify"]["check_s"] + q["convert_raw"]["convert_s"]
+            log(f"{n} 64K reads: the restored file, a live restore at {self.a.live_speed} B/s, QSD")
+            offsets = self.read_offsets()
+            out["plain"] = timed_reads(restored, offsets, None)
+            out["live"] = self.live_reads(top, offsets, restored)
+            out["qsd"] = self.qsd_reads(top, offsets, restored)
+        finally:
+            self.rm(src, *links, expected, restored)
+        return out
+
+    def _chain(self, src: Path, links: list[Path], expected: Path) -> dict[str, Any]:
+        """The chain's backups on one running mount (timed as (h)'s); `expected` becomes
+        the source at the top link's point in time."""
+        out: dict[str, Any] = {}
+        qb.sparse_copy(str(self.pristine), str(expected))
+        with serving_mount(src, self.mnt) as m:
+            out["full"] = self.timed_job(m, links[0], "--bitmap", BITMAP)
+            for i, pct in enumerate(self.a.dirty):
+                wl = self.dirty_workload(pct, link=i)
+                qb.run_workload(str(m.live), wl)
+                qb.apply_workload(str(expected), wl)
+                os.sync()  # the writes' writeback must not land in the incremental's window
+                opts = ("--sync", "incremental", "--bitmap", BITMAP, "--backing", str(links[i]))
+                out[f"inc{i + 1}"] = self.timed_job(m, links[i + 1], *opts)
+                out[f"inc{i + 1}"]["file_mib"] = links[i + 1].stat().st_size / MiB
+            out["unmount_ok"] = m.unmount() == 0
+        out["full"]["file_mib"] = links[0].stat().st_size / MiB
+        out["source_check"] = qb.compare_files(str(src), str(expected))
+        return out
+
+    def hash_cost(self) -> dict[str, Any]:
+        """What the checksums cost a full backup, in process: the image read once (page
+        cache, not timed), then its non-zero 64K clusters (the ones a job writes as data,
+        and so hashes) hashed per 1 MiB read, as the copier does: xxh3_128_digest alone,
+        and `Checksums.data` (the digest stored in the table, what `Recording` runs)."""
+        cs = DIRTY_BS
+        zero = bytes(cs)
+        sums = Checksums(self.a.size, cs)
+        buf = bytearray(MiB)
+        view = memoryview(buf)
+        xxh_ns = rec_ns = clusters = 0
+        with open(self.pristine, "rb", buffering=0) as f:
+            offset = 0
+            while got := f.readinto(buf):
+                data = [p for p in range(0, got, cs) if not buf.startswith(zero, p, p + cs)]
+                t0 = time.perf_counter_ns()
+                for p in data:
+                    xxhash.xxh3_128_digest(view[p : p + cs])
+                t1 = time.perf_counter_ns()
+                for p in data:
+                    sums.data(offset + p, view[p : p + cs])
+                t2 = time.perf_counter_ns()
+                xxh_ns, rec_ns = xxh_ns + t1 - t0, rec_ns + t2 - t1
+                clusters += len(data)
+                offset += got
+        mib = clusters * cs / MiB
+        return {"data_mib": mib, "xxh3_s": xxh_ns / 1e9, "recording_s": rec_ns / 1e9,
+                "xxh3_gib_s": round(mib / 1024 / (xxh_ns / 1e9), 2),
+                "recording_gib_s": round(mib / 1024 / (rec_ns / 1e9), 2)}  # fmt: skip
+
+    def baseline_full(self, rep: int) -> dict[str, Any]:
+        """Full qcow2 backups with no writer (mount -> finish, +fsync, as (c)) by
+        `--baseline-rev`'s code and by this tree's, alternating ABBA (BAAB in odd
+        repetitions); each side's mean. The records tell the two apart: only this tree's
+        names a checksum file."""
+        order = ["old", "new", "new", "old"] if rep % 2 == 0 else ["new", "old", "old", "new"]
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        ok = True
+        for which in order:
+            src, tgt = self.fresh("j_ab_src.raw"), self.wd / "j_ab_full.qcow2"
+            try:
+                assert self.baseline is not None
+                cli = self.baseline if which == "old" else CURRENT
+                res = self.timed_backup(src, tgt, None, "--sync", "full", cli=cli)
+                record = json.loads(Path(str(tgt) + ".cowfs.json").read_text())
+                sums = record.get("checksums") is not None
+                ok = ok and res["finish_rc"] == 0 and sums == (which == "new")
+                times[which].append(res["job_plus_fsync_s"])
+            finally:
+                self.rm(src, tgt)
+        return {"old_s": statistics.mean(times["old"]), "new_s": statistics.mean(times["new"]),
+                "old_runs": times["old"], "new_runs": times["new"], "runs_ok": ok}  # fmt: skip
+
+    def qemu_verify(self, links: list[Path]) -> dict[str, Any]:
+        """QEMU's nearest to `cowfs verify`: `qemu-img check` of every link (structure),
+        then `qemu-img convert -n` of the top into a null-co node (reads every allocated
+        cluster of the image through the chain, writes nothing)."""
+        os.sync()
+        t0 = qb.mono()
+        checks = [qb.run([qb.QEMU_IMG, "check", "-f", "qcow2", str(p)], check=False) for p in links]
+        t1 = qb.mono()
+        null = f"driver=null-co,size={self.a.size}"
+        argv = [qb.QEMU_IMG, "convert", "-n", "-f", "qcow2", str(links[-1])]
+        convert = qb.run([*argv, "--target-image-opts", null], check=False)
+        t2 = qb.mono()
+        return {"check_s": (t1 - t0) / 1e9, "convert_null_s": (t2 - t1) / 1e9,
+                "s": (t2 - t0) / 1e9, "check_ok": all(c.returncode == 0 for c in checks),
+                "convert_ok": convert.returncode == 0}  # fmt: skip
+
+    def cowfs_verify(self, top: Path) -> dict[str, Any]:
+        os.sync()
+        t0 = qb.mono()
+        done = run_cowfs("verify", str(top))
+        seconds = (qb.mono() - t0) / 1e9
+        ok = done.returncode == 0 and done.stdout.startswith("verify: ok")
+        return {"s": seconds, "verify_ok": ok}
+
+    def qemu_convert(self, top: Path, fmt: str, expected: Path) -> dict[str, Any]:
+        """`qemu-img convert -O FMT` of the chain (its default cache mode does not flush:
+        an fsync of the output afterwards, as (f))."""
+        dst = self.wd / f"j_convert.{fmt}"
+        argv = [qb.QEMU_IMG, "convert", "-f", "qcow2", "-O", fmt, str(top), str(dst)]
+        os.sync()
+        try:
+            convert_s, _ = qb.timed(qb.run, argv)
+            fsync_s, _ = qb.timed(qb.fsync_path, str(dst))
+            return {"convert_s": convert_s, "fsync_s": fsync_s, "total_s": convert_s + fsync_s,
+                    "file_mib": dst.stat().st_size / MiB,
+                    "verify": qb.compare_images(str(dst), str(expected), fmt, "raw")}  # fmt: skip
+        finally:
+            self.rm(dst)
+
+    def cowfs_restore(self, top: Path, dst: Path, fmt: str, expected: Path) -> dict[str, Any]:
+        """`cowfs restore TOP DST --format FMT` (it fsyncs DST before it returns; the fsync
+        after it, as after qemu-img, finds nothing left)."""
+        os.sync()
+        t0 = qb.mono()
+        done = run_cowfs("restore", str(top), str(dst), "--format", fmt)
+        restore_s = (qb.mono() - t0) / 1e9
+        if done.returncode:
+            raise RuntimeError(f"cowfs restore failed: {done.stdout.strip()} {done.stderr.strip()}")
+        fsync_s, _ = qb.timed(qb.fsync_path, str(dst))
+        out = {"restore_s": restore_s, "fsync_s": fsync_s, "total_s": restore_s + fsync_s,
+               "file_mib": dst.stat().st_size / MiB,
+               "verify": qb.compare_images(str(dst), str(expected), fmt, "raw")}  # fmt: skip
+        if fmt == "qcow2":
+            check = qb.run([qb.QEMU_IMG, "check", "-f", "qcow2", str(dst)], check=False)
+            out["qemu_img_check_ok"] = check.returncode == 0
+        return out
+
+    def read_offsets(self) -> list[int]:
+        """`LIVE_READS` distinct 64K clusters of the image's upper half, `LIVE_SPACING`
+        clusters apart at least (the kernel's readahead after one never brings in
+        another), in random order: a live restore's copier fills from the start, and at
+        `--live-speed` it does not reach the upper half during the reads."""
+        count = self.a.size // DIRTY_BS // LIVE_SPACING
+        slots = range(count // 2, count)
+        picks = random.Random(self.a.seed + 2000).sample(slots, min(LIVE_READS, len(slots)))
+        return [p * LIVE_SPACING * DIRTY_BS for p in picks]
+
+    def live_reads(self, top: Path, offsets: list[int], reference: Path) -> dict[str, Any]:
+        """`cowfs restore TOP DEST --live MP --speed --live-speed`, timed until it returns
+        (the file served), then the reads through MP/<name of DEST>, each checked against
+        the restored file. Stopped with SIGTERM (the daemon stops its copier, saves its map
+        and unmounts; DEST stays resumable): `cowfs unmount` would wait for the whole copy."""
+        dest = self.wd / "j_live.raw"
+        self.mnt.mkdir(exist_ok=True)
+        speed = str(self.a.live_speed)
+        pid = 0
+        os.sync()
+        t0 = qb.mono()
+        done = run_cowfs("restore", str(top), str(dest), "--live", str(self.mnt), "--speed", speed)
+        ready_s = (qb.mono() - t0) / 1e9
+        try:
+            if done.returncode:
+                raise RuntimeError(f"restore --live failed: {done.stdout} {done.stderr.strip()}")
+            before = read_status(self.mnt)
+            pid = int(before["pid"])
+            out = timed_reads(self.mnt / dest.name, offsets, reference)
+            after = read_status(self.mnt)
+        finally:
+            out_stop = stop_live_restore(self.mnt, pid)
+            self.rm(dest)
+        on_demand = after["bytes_on_demand"] - before["bytes_on_demand"]
+        return out | {"ready_s": ready_s, "stopped_ok": out_stop,
+                      "running_ok": after["state"] == "running",
+                      "done_before_mib": before["bytes_done"] / MiB,
+                      "done_after_mib": after["bytes_done"] / MiB,
+                      "on_demand_mib": on_demand / MiB,
+                      "on_demand_per_read": on_demand / (len(offsets) * DIRTY_BS)}  # fmt: skip
+
+    def qsd_reads(self, top: Path, offsets: list[int], reference: Path) -> dict[str, Any]:
+        """QEMU's nearest to a live restore: qemu-storage-daemon serving the qcow2 chain
+        (qcow2 over the top link, its backing files opened by QEMU) as a read-only FUSE
+        export, timed until it serves; the same reads, each checked."""
+        export = self.wd / "j_qsd_export"
+        export.touch()
+        node = {"driver": "qcow2", "node-name": "top", "read-only": True,
+                "file": {"driver": "file", "filename": str(top)}}  # fmt: skip
+        spec = {"type": "fuse", "id": "jexp", "node-name": "top", "mountpoint": str(export),
+                "writable": False}  # fmt: skip
+        t0 = qb.mono()
+        try:
+            with qb.QSD(str(self.wd), "jchain", [node], extra_args=["--export", json.dumps(spec)]):
+                ready_s = (qb.mono() - t0) / 1e9
+                if not is_mounted(export):
+                    raise RuntimeError("QSD's FUSE export of the chain is not mounted")
+                out = timed_reads(export, offsets, reference)
+        finally:
+            if is_mounted(export):
+                subprocess.run(["fusermount3", "-u", "-z", str(export)], check=False)
+            export.unlink(missing_ok=True)
+        return out | {"ready_s": ready_s}
+
     # -- (k) crash-safe change tracking ------------------------------------------------------
 
     def tracking(self, bs: int) -> dict[str, Any]:
@@ -1050,6 +1343,11 @@ class Bench:
             with timed("i"):
                 log(f"{n} (i) a view read under the 64K writer; plain read; QEMU fleecing")
                 r["i"] = self.view_read()
+        if "j" in ph:
+            with timed("j"):
+                dirty = ", ".join(f"{p:g}%" for p in self.a.dirty)
+                log(f"{n} (j) a chain on a running mount: full qcow2, incrementals of {dirty}")
+                r["j"] = self.checksummed_chain(rep)
         for bs in self.a.bs if "k" in ph else []:
             with timed("k"):
                 log(f"{n} (k) bs={bs}: idle mount without and with a bitmap")
@@ -1075,6 +1373,70 @@ def read_all(path: Path) -> dict[str, Any]:
             digest.update(chunk)
     seconds = time.perf_counter() - t0
     return {"mib_s": round(path.stat().st_size / MiB / seconds, 1), "sha256": digest.hexdigest()}
+
+
+def timed_reads(path: Path, offsets: list[int], reference: Path | None) -> dict[str, Any]:
+    """(j): one plain 64K pread per offset, timed alone; with `reference`, each read is
+    compared (untimed) with the reference file's bytes there."""
+    durations = []
+    equal = True
+    fd = os.open(path, os.O_RDONLY)
+    ref = os.open(reference, os.O_RDONLY) if reference is not None else -1
+    try:
+        for offset in offsets:
+            t0 = time.perf_counter_ns()
+            data = os.pread(fd, DIRTY_BS, offset)
+            durations.append(time.perf_counter_ns() - t0)
+            if ref >= 0 and data != os.pread(ref, DIRTY_BS, offset):
+                equal = False
+    finally:
+        os.close(fd)
+        if ref >= 0:
+            os.close(ref)
+    seconds = sum(durations) / 1e9
+    out = {"lat_us": qb.lat_summary_ns(durations),
+           "mib_s": round(len(offsets) * DIRTY_BS / MiB / seconds, 1)}  # fmt: skip
+    if reference is not None:
+        out["equal"] = equal
+    return out
+
+
+def stop_live_restore(mnt: Path, pid: int) -> bool:
+    """End the live restore this bench started on `mnt` (its daemon, by pid): SIGTERM,
+    then SIGKILL and a lazy unmount if need be. True if it went by itself."""
+    if not pid:
+        with suppress(CowfsError, OSError, KeyError, ValueError):
+            pid = int(read_status(mnt)["pid"])
+    clean = True
+    if pid and not pid_gone(pid):
+        os.kill(pid, signal.SIGTERM)
+        if not wait_for(lambda: pid_gone(pid), 60):
+            clean = False
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: pid_gone(pid), 10)
+    if is_mounted(mnt) and not wait_for(lambda: not is_mounted(mnt), 5):
+        clean = False
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    return clean and bool(pid)
+
+
+def baseline_cli(rev: str, where: Path) -> Cli:
+    """(j) --baseline-rev: `rev`'s cowfs package extracted with `git archive` into the
+    work directory (no worktree, nothing written to the repository), run from there."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "cowfs"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode:
+        raise SystemExit(f"--baseline-rev {rev}: {archive.stderr.decode().strip()}")
+    where.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    cli = Cli([sys.executable, "-P", "-m", "cowfs"], dict(os.environ, PYTHONPATH=str(where)))
+    probe = cli.run([sys.executable, "-P", "-c", "import cowfs; print(cowfs.__file__)"])
+    if not probe.stdout.startswith(str(where)):
+        raise SystemExit(f"--baseline-rev {rev}: its cowfs does not import ({probe.stderr})")
+    return cli
 
 
 def phase_timer(r: dict[str, Any]) -> Callable[[str], Any]:
@@ -1221,6 +1583,27 @@ def _rows(sizes: list[int], dirty: list[float]) -> list[tuple[str, str, str, str
         ("(i) writer vs QEMU's, reading", "i.writer_reading.mib_s",
          "i.qemu.writer_reading.mib_s", "MiB/s", ""),
     ]  # fmt: skip
+    rows += [
+        ("(j) verify vs check+convert null", "j.cowfs.verify.s", "j.qemu.verify.s", "s", ""),
+        ("(j) verify vs check+convert raw", "j.cowfs.verify.s", "j.qemu.verify_file_s", "s",
+         ""),
+        ("(j) restore raw vs convert raw", "j.cowfs.restore_raw.total_s",
+         "j.qemu.convert_raw.total_s", "s", ""),
+        ("(j) restore qcow2 vs convert", "j.cowfs.restore_qcow2.total_s",
+         "j.qemu.convert_qcow2.total_s", "s", ""),
+        ("(j) qcow2 size vs convert", "j.cowfs.restore_qcow2.file_mib",
+         "j.qemu.convert_qcow2.file_mib", "MiB", ""),
+        ("(j) xxh3 share of full backup", "j.hash.xxh3_s", "j.chain.full.job_plus_fsync_s", "s",
+         ""),
+        ("(j) sums.data share of full", "j.hash.recording_s", "j.chain.full.job_plus_fsync_s",
+         "s", ""),
+        ("(j) full backup vs before sums", "j.baseline.new_s", "j.baseline.old_s", "s", ""),
+        ("(j) live ready vs QSD export", "j.live.ready_s", "j.qsd.ready_s", "s", ""),
+        ("(j) live read p50 vs plain file", "j.live.lat_us.p50", "j.plain.lat_us.p50", "us", ""),
+        ("(j) live read p99 vs plain file", "j.live.lat_us.p99", "j.plain.lat_us.p99", "us", ""),
+        ("(j) live read p50 vs QSD chain", "j.live.lat_us.p50", "j.qsd.lat_us.p50", "us", ""),
+        ("(j) live read p99 vs QSD chain", "j.live.lat_us.p99", "j.qsd.lat_us.p99", "us", ""),
+    ]  # fmt: skip
     for bs in sizes:
         k, b = f"k.{bs}", f"{bs // 1024}K"
         rows += [
@@ -1344,12 +1727,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "e.g. 0: on these VMs a FUSE round trip between two CPUs costs ~40 us more "
         "than on one, and the scheduler's choice flips run to run (default: unpinned)",
     )
-    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (default a-i,k)")
+    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (default a-k)")
     p.add_argument(
         "--dirty", default="1,10", help="(e), (h), (k): percent of the image dirty (default 1,10)"
     )
     p.add_argument(
         "--barriers", type=int, default=20, help="(g): backups started per block size (default 20)"
+    )
+    p.add_argument(
+        "--live-speed", default="20M", help="(j): the live restore's --speed (default 20M)"
+    )
+    p.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        help="(j): also time full backups by REV's cowfs (git archive of this repository), "
+        "alternating with this tree's, e.g. e7f9d40 (before checksums)",
     )
     p.add_argument("--no-rss", action="store_true", help="skip (d), the 1 TiB memory check")
     p.add_argument(
@@ -1366,6 +1758,7 @@ def normalise(a: argparse.Namespace) -> None:
     a.size = qb.parse_size(a.size)
     a.total = qb.parse_size(a.total)
     a.speed = qb.parse_size(a.speed)
+    a.live_speed = qb.parse_size(a.live_speed)
     a.bs = [qb.parse_size(s) for s in a.bs.split(",")]
     a.dirty = [float(s) for s in a.dirty.split(",")]
     if not all(0 < d < 100 for d in a.dirty):
@@ -1444,6 +1837,25 @@ def report(result: dict[str, Any], reps: list, args: argparse.Namespace, elapsed
         )
         matched = [r["i"]["qemu"]["matches_pit"] for r in reps if "i" in r]
         print(f"(i) QEMU's view equal to the point in time: {matched} (cowfs's is checked)")
+    if "j" in args.phases:
+        print(
+            "(j) a chain (full qcow2 + incrementals of --dirty) on a running mount, page cache "
+            "warm (os.sync before each timed command, no drop); verify = `cowfs verify TOP` "
+            "vs qemu-img check of each link + `qemu-img convert -n` into null-co (or into a "
+            "raw file); restore (+fsync) vs qemu-img convert (+fsync: it does not flush)"
+        )
+        print(
+            "(j) hashing share = XXH3-128 of the image's data clusters in process / the "
+            "chain's full backup (job + fsync); 'before sums' = full backups by "
+            "--baseline-rev, ABBA"
+        )
+        print(
+            f"(j) {LIVE_READS} 64K preads of distinct clusters in the upper half, right after "
+            f"`restore --live --speed {args.live_speed // MiB}M` returns, vs the restored raw "
+            "file (page cache) and a read-only QSD FUSE export of the qcow2 chain"
+        )
+        per_read = [round(r["j"]["live"]["on_demand_per_read"], 2) for r in reps if "j" in r]
+        print(f"(j) live restore: bytes restored on demand per 64K read: {per_read}")
     if "k" in args.phases:
         print(
             "(k) writes through an idle mount with a bitmap (intent records, saves) vs none; "
