@@ -20,6 +20,7 @@ from .errors import CowfsError
 from .record import Record
 from .sums import ABSENT, RELEASED, ZERO, Checksums, digest, sums_path
 from .target.reader import Qcow2Link, RawLink, open_link
+from .transfer import is_zero
 
 BLOCK = 1 << 20
 """The unit a whole-chain pass reads at once (at least the largest cluster of the chain)."""
@@ -43,32 +44,35 @@ class ChainLink:
     bottom: bool
     """Nothing below it: a cluster it does not hold reads as zero."""
 
-    def cluster(self, offset: int, check: bool = True) -> bytes | None:
-        """The verified bytes of this link's cluster at `offset` (aligned to its cluster
-        size), or None if the link does not hold it. Raises CorruptCluster."""
+    def cluster_into(self, i: int, buf: bytearray, pos: int) -> bool:
+        """Fill buf[pos:] with the verified bytes of this link's cluster `i` (as long as
+        its extent); False, leaving buf as it was, if this link does not hold it (and
+        then it reads through, as it must). Raises CorruptCluster."""
         sums = self.sums
-        i = offset // sums.cluster_size
         state = sums.states[i] if i < sums.count else ABSENT
         if state == ABSENT:
-            if check:
-                self._check_absent(i)
-            return None
+            self._check_absent(i)
+            return False
         start, length = sums.extent(i)
         if state == RELEASED:
             raise CorruptCluster(self.path, start, "released by a view's reader: not in the backup")
+        view = memoryview(buf)[pos : pos + length]
         try:
-            _, held = self.file.holds(start, length)
-            data = self.file.read(start, length)
+            _, held = self.file.read_into(view, start)
         except CowfsError as e:  # a damaged table or a cluster outside the file
             raise CorruptCluster(self.path, start, e.message) from None
         if not held and not (self.bottom and isinstance(self.file, Qcow2Link)):
             raise CorruptCluster(self.path, start, "missing from the file (reads through)")
         if state == ZERO:
-            if data.count(0) != len(data):
+            if not is_zero(buf, pos, length):
                 raise CorruptCluster(self.path, start, "should read as zeros but does not")
-        elif digest(data) != sums.digest_of(i):
+        elif digest(view) != sums.digest_of(i):
             raise CorruptCluster(self.path, start, "checksum mismatch")
-        return data
+        return True
+
+    def check(self, i: int) -> None:
+        """Verify cluster `i` of this link, whatever it holds there. Raises CorruptCluster."""
+        self.cluster_into(i, bytearray(self.sums.cluster_size), 0)
 
     def _check_absent(self, i: int) -> None:
         """A cluster no job of this link wrote must read through (qcow2) or, in a raw
@@ -78,8 +82,11 @@ class ChainLink:
         start, length = self.sums.extent(i)
         try:
             if isinstance(self.file, RawLink):
-                data = self.file.read(start, length)
-                if data.count(0) != len(data):
+                if self.file.is_hole(start, length):
+                    return
+                buf = bytearray(length)
+                self.file.read_into(memoryview(buf), start)
+                if not is_zero(buf, 0, length):
                     raise CorruptCluster(self.path, start, "a hole of the backup holds data")
             elif self.file.holds(start, length)[0]:
                 raise CorruptCluster(self.path, start, "holds data no backup job wrote there")
@@ -140,31 +147,36 @@ class BackupChain:
         for link in self.links:
             link.file.close()
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
         """The image's verified bytes at [offset, offset+length): `offset` aligned to
-        `cluster_size`, the range inside the image. Raises CorruptCluster."""
+        `cluster_size`, the range inside the image. Each cluster is read straight into
+        place, unless a link above holds part of it. Raises CorruptCluster."""
         g = self.granule
         out = bytearray(length)
         todo = ~zeros(-(-length // g))
         for link in self.links:
             cs = link.sums.cluster_size
-            for start in range(offset - offset % cs, offset + length, cs):
-                lo = max(start, offset) - offset
-                hi = min(start + cs, offset + length) - offset
-                first, end = lo // g, -(-hi // g)
-                if todo.find(1, first, end) < 0:
+            for lo in range(0, length, cs):
+                first = lo // g
+                end = min(first + cs // g, len(todo))
+                unresolved = todo.count(1, first, end)
+                if not unresolved:
                     continue
-                data = link.cluster(start)
-                if data is None:
+                i = (offset + lo) // cs
+                if unresolved == end - first:
+                    if link.cluster_into(i, out, lo):
+                        todo[first:end] = 0
                     continue
-                for j in range(first, end):
-                    if todo[j]:
-                        a, b = max(j * g, lo), min((j + 1) * g, hi)
-                        out[a:b] = data[offset + a - start : offset + b - start]
-                        todo[j] = 0
+                scratch = bytearray(cs)
+                if link.cluster_into(i, scratch, 0):
+                    for j in range(first, end):
+                        if todo[j]:
+                            a, b = j * g - lo, min((j + 1) * g, length) - lo
+                            out[lo + a : lo + b] = scratch[a:b]
+                            todo[j] = 0
             if not todo.any():
                 break
-        return bytes(out)  # what no link holds reads as zeros
+        return out  # what no link holds reads as zeros
 
     def blocks(self) -> Iterator[tuple[int, int]]:
         """(offset, length) of the image in whole-chain units."""
@@ -190,7 +202,7 @@ class BackupChain:
                 if found >= limit:
                     break
                 try:
-                    link.cluster(i * link.sums.cluster_size)
+                    link.check(i)
                 except CorruptCluster as e:
                     found += 1
                     yield e.message

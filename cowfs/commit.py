@@ -93,7 +93,7 @@ def _merge(upper: ChainLink, base: ChainLink) -> ChainLink:
     try:
         for i in range(merged.count):
             if upper.sums.states[i] != ABSENT:
-                link.cluster(i * merged.cluster_size)
+                link.check(i)
     except CorruptCluster as e:
         raise CowfsError(
             f"the merge did not write what {upper.path} holds: {e.message}", EXIT_INCOMPLETE

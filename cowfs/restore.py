@@ -52,6 +52,7 @@ BATCH_BYTES = 1 << 20
 """The copier's unit: big enough to amortise a thread hop, small enough that a guest
 read waiting on a cluster in it waits about a millisecond."""
 SAVE_PERIOD_S = 1.0
+COPIERS = 2
 QCOW2_CLUSTER = 64 << 10
 
 
@@ -108,9 +109,11 @@ class Restore:
         self.finished_mono: float | None = None
         self.done = trio.Event()
         self._saved = restored.copy()
-        self._io_limiter = trio.CapacityLimiter(2)
+        self._copiers = trio.CapacityLimiter(COPIERS)
         self._saving = trio.Lock()
         self.limiter = RateLimiter(speed)
+        self._cursor = 0
+        """Where the copiers take their next batch: they go through DEST in order."""
 
     # -- starting ----------------------------------------------------------------------
 
@@ -167,21 +170,10 @@ class Restore:
         wait for the rest. Raises OSError (EIO for a corrupt backup cluster)."""
         self._check_usable()
         while True:
-            runs: list[tuple[int, int]] = []
-            busy = None
-            cluster = self.restored.find(0, first, last + 1)
-            while cluster >= 0:
-                if self.claims.claim(cluster):
-                    if runs and runs[-1][0] + runs[-1][1] == cluster:
-                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-                    else:
-                        runs.append((cluster, 1))
-                elif busy is None:
-                    busy = cluster
-                cluster = self.restored.find(0, cluster + 1, last + 1)
+            runs, busy = self._claim_runs(first, last)
             if runs:
-                copied = await self._copy(runs)  # not `+= await`: that reads the count before
-                self.bytes_on_demand += copied  # the await, losing what others added meanwhile
+                copied = await self._copy(runs, None)  # not `+= await`: that reads the count
+                self.bytes_on_demand += copied  # before the await, losing others' additions
             if busy is None:
                 return
             await self.claims.wait(busy)
@@ -219,42 +211,63 @@ class Restore:
         return None
 
     async def run_copier(self) -> None:
-        """Fill every cluster not yet restored, in batches; then make DEST durable and
-        say complete. A failure ends the restore as failed, with its reason."""
-        batch = max(1, BATCH_BYTES // self.cluster_size)
-        cursor = 0
+        """Fill every cluster not yet restored, in batches, two at a time (one reads the
+        backup while the other writes DEST); then make DEST durable and say complete. A
+        failure ends the restore as failed, with its reason."""
         try:
-            while (cluster := self.restored.find(0, cursor)) >= 0 or (
-                cluster := self.restored.find(0)
-            ) >= 0:
-                self._check_usable()
-                runs: list[tuple[int, int]] = []
-                end = min(len(self.restored), cluster + batch)
-                c = cluster
-                while c < end:
-                    if not self.restored[c] and self.claims.claim(c):
-                        if runs and runs[-1][0] + runs[-1][1] == c:
-                            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-                        else:
-                            runs.append((c, 1))
-                    c += 1
-                cursor = end
+            async with trio.open_nursery() as nursery:
+                for _ in range(COPIERS):
+                    nursery.start_soon(self._copy_batches)
+            if self.running:
+                await self._finish()
+        except OSError as e:
+            self._fail(str(e))
+
+    async def _copy_batches(self) -> None:
+        batch = max(1, BATCH_BYTES // self.cluster_size)
+        try:
+            while self.running:
+                cluster = self.restored.find(0, self._cursor)
+                if cluster < 0:
+                    cluster = self.restored.find(0)
+                    if cluster < 0:
+                        return
+                last = min(len(self.restored), cluster + batch) - 1
+                self._cursor = last + 1
+                runs, busy = self._claim_runs(cluster, last)
                 if runs:
-                    copied = await self._copy(runs)
+                    copied = await self._copy(runs, self._copiers)
                     self.bytes_copier += copied
                     await self.limiter.account(copied)
-                else:  # all claimed by readers: let them finish
-                    await self.claims.wait(cluster)
-            await self._finish()
-        except (OSError, CowfsError) as e:
-            self._fail(str(e) if isinstance(e, OSError) else e.message)
+                elif busy is not None:  # all claimed by readers: let them finish
+                    await self.claims.wait(busy)
+        except OSError as e:
+            self._fail(str(e))
 
-    async def _copy(self, runs: list[tuple[int, int]]) -> int:
+    def _claim_runs(self, first: int, last: int) -> tuple[list[tuple[int, int]], int | None]:
+        """Claim the clusters of first..last that are neither restored nor claimed, as
+        runs (first, count); also returns one that someone else is copying, or None."""
+        runs: list[tuple[int, int]] = []
+        busy = None
+        cluster = self.restored.find(0, first, last + 1)
+        while cluster >= 0:
+            if self.claims.claim(cluster):
+                if runs and runs[-1][0] + runs[-1][1] == cluster:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                else:
+                    runs.append((cluster, 1))
+            elif busy is None:
+                busy = cluster
+            cluster = self.restored.find(0, cluster + 1, last + 1)
+        return runs, busy
+
+    async def _copy(self, runs: list[tuple[int, int]], limiter: trio.CapacityLimiter | None) -> int:
         """Restore the claimed runs in a worker thread and mark them restored; returns the
-        bytes. The claims always go back; a corrupt cluster fails the whole restore."""
+        bytes. The claims always go back; a corrupt cluster fails the whole restore.
+        `limiter`: the copiers' threads; a guest's read waits for none of them."""
         try:
             copied, length, error = await trio.to_thread.run_sync(
-                self._copy_runs, runs, limiter=self._io_limiter
+                self._copy_runs, runs, limiter=limiter
             )
         except BaseException:
             for first, count in runs:
@@ -281,7 +294,7 @@ class Restore:
             offset = first * self.cluster_size
             length = min(count * self.cluster_size, self.size - offset)
             try:
-                data = bytearray(self.chain.read(offset, length))
+                data = self.chain.read(offset, length)
                 write_nonzero(self.out, data, offset, length, self.cluster_size)
             except (OSError, CorruptCluster) as e:
                 return i, total, e

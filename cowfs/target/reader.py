@@ -10,6 +10,7 @@ used twice, refcounts equal to the references. Reads images QEMU wrote too (afte
 (encryption, external data files, extended L2 entries, zstd compression).
 """
 
+import functools
 import os
 import struct
 import zlib
@@ -65,8 +66,25 @@ class RawLink:
         """Whether this file holds any and all of [offset, offset+length): a raw file all."""
         return True, True
 
-    def read(self, offset: int, length: int) -> bytes:
-        return read_exactly(self.fd, offset, length)
+    def read_into(self, view: memoryview, offset: int) -> tuple[bool, bool]:
+        """Fill `view` with this file's bytes at `offset` (zeros past its end); returns
+        whether it holds any and all of them, as `holds`."""
+        got = os.preadv(self.fd, [view], offset)
+        while 0 < got < len(view):
+            more = os.preadv(self.fd, [view[got:]], offset + got)
+            if not more:
+                break
+            got += more
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)
+        return True, True
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        """Whether [offset, offset+length) is a hole of the file (reads as zeros unread)."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA) >= offset + length
+        except OSError:  # ENXIO: no data after offset
+            return True
 
     def check(self, size: int) -> list[str]:
         if self.file_size < size:
@@ -183,36 +201,68 @@ class Qcow2Link:
     def holds(self, offset: int, length: int) -> tuple[bool, bool]:
         """Whether any and whether all clusters of [offset, offset+length) are this file's
         (data or zero flag); the others read through to the backing file."""
-        held = [
-            bool(entry & COMPRESSED or entry & ZERO or entry & OFFSET_MASK)
-            for entry in map(self._entry, range(offset, offset + length, self.cluster_size))
-        ]
+        held = [_held(self._entry(g)) for g in range(offset, offset + length, self.cluster_size)]
         return any(held), all(held)
 
-    def read(self, offset: int, length: int) -> bytes:
-        """This file's bytes at [offset, offset+length): unallocated clusters as zeros."""
+    def read_into(self, view: memoryview, offset: int) -> tuple[bool, bool]:
+        """Fill `view` with this file's bytes at cluster-aligned `offset` (unallocated
+        clusters as zeros), reading runs of contiguous host clusters at once; returns
+        whether it holds any and all of those clusters, as `holds`."""
         cs = self.cluster_size
-        out = bytearray()
-        for guest in range(offset - offset % cs, offset + length, cs):
-            entry = self._entry(guest)
-            if entry & COMPRESSED:
-                host, size = self._compressed(entry)
-                self._need(host, size, "a compressed cluster")
-                try:
-                    out += zlib.decompressobj(DEFLATE_WBITS).decompress(
-                        read_exactly(self.fd, host, size), cs
-                    )
-                except zlib.error as e:
-                    raise self._bad(f"compressed cluster at {host}: {e}") from None
-                out += bytes(len(out) % cs and cs - len(out) % cs)
-            elif entry & ZERO or not entry & OFFSET_MASK:
-                out += bytes(cs)
+        length = len(view)
+        any_held, all_held = False, True
+        run_pos = run_host = -1  # a run of contiguous data clusters not yet read
+        run_len = 0
+        for pos in range(0, length, cs):
+            entry = self._entry(offset + pos)
+            piece = min(cs, length - pos)
+            host = entry & OFFSET_MASK
+            if _held(entry):
+                any_held = True
             else:
-                host = entry & OFFSET_MASK
-                self._need(host, 1, "a data cluster")  # a short last cluster reads as zeros
-                out += read_exactly(self.fd, host, cs)
-        start = offset % cs
-        return bytes(out[start : start + length])
+                all_held = False
+            if host and not entry & (COMPRESSED | ZERO):
+                if host % cs:
+                    raise self._bad(f"cluster at offset {offset + pos} is misaligned")
+                self._need(host, 1, "a data cluster")  # a short last one reads as zeros
+                if run_len and run_host + run_len == host:
+                    run_len += piece
+                    continue
+                self._read_run(view, run_pos, run_host, run_len)
+                run_pos, run_host, run_len = pos, host, piece
+                continue
+            self._read_run(view, run_pos, run_host, run_len)
+            run_len = 0
+            if entry & COMPRESSED:
+                view[pos : pos + piece] = self._decompress(entry)[:piece]
+            else:
+                view[pos : pos + piece] = _zeros(piece)
+        self._read_run(view, run_pos, run_host, run_len)
+        return any_held, all_held
+
+    def _read_run(self, view: memoryview, pos: int, host: int, length: int) -> None:
+        if length:
+            part = view[pos : pos + length]
+            got = os.preadv(self.fd, [part], host)
+            while 0 < got < length:
+                more = os.preadv(self.fd, [part[got:]], host + got)
+                if not more:
+                    break
+                got += more
+            if got < length:
+                part[got:] = _zeros(length - got)
+
+    def _decompress(self, entry: int) -> bytes:
+        cs = self.cluster_size
+        host, size = self._compressed(entry)
+        self._need(host, size, "a compressed cluster")
+        try:
+            data = zlib.decompressobj(DEFLATE_WBITS).decompress(
+                read_exactly(self.fd, host, size), cs
+            )
+        except zlib.error as e:
+            raise self._bad(f"compressed cluster at {host}: {e}") from None
+        return data + _zeros(cs - len(data))
 
     # -- the structure ------------------------------------------------------------------
 
@@ -299,6 +349,15 @@ class Qcow2Link:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _held(entry: int) -> bool:
+    return bool(entry & (COMPRESSED | ZERO | OFFSET_MASK))
+
+
+@functools.cache
+def _zeros(length: int) -> bytes:
+    return bytes(length)
 
 
 def _refcount_values(data: bytes, width: int) -> list[int]:
