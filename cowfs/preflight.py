@@ -17,10 +17,12 @@ MIN_CLUSTER = 4 << 10
 MAX_CLUSTER = 16 << 20
 
 OWN_FILE = re.compile(
-    r".*\.cowfs(\.json|\.log|-bitmaps\.json|-intent)(\.tmp)?|.*\.cowfs-\d+\.tmp", re.S
+    r".*\.cowfs(\.json|\.log|\.sums|-bitmaps\.json|-intent|-restore)(\.tmp)?|.*\.cowfs-\d+\.tmp",
+    re.S,
 )
-"""Names of cowfs's own files (records, logs, bitmaps, intent records, their temporary
-files): never a target, which would destroy one of them or be mistaken for one."""
+"""Names of cowfs's own files (records, logs, checksums, bitmaps, intent records, restored
+maps, their temporary files): never a target or a restore's destination, which would
+destroy one of them or be mistaken for one."""
 
 
 def check_cluster_size(size: int) -> int:

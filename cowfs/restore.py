@@ -20,6 +20,7 @@ import errno
 import hashlib
 import logging
 import os
+import signal
 import struct
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from bitarray.util import zeros
 from .chainread import BackupChain, CorruptCluster
 from .errors import CowfsError
 from .locks import ClusterClaims
+from .preflight import OWN_FILE
 from .ratelimit import RateLimiter
 from .record import Record, read_record, record_path, verdict, write_record
 from .target import Qcow2Target, RawTarget
@@ -127,6 +129,8 @@ class Restore:
             links = {os.path.realpath(link.path) for link in chain.links}
             if os.path.realpath(dest) in links:
                 raise CowfsError(f"{dest} is a link of the backup chain it would restore")
+            if OWN_FILE.fullmatch(os.path.basename(os.path.realpath(dest))):
+                raise CowfsError(f"{dest} is named like a file of cowfs's own; choose another")
             if not dest.parent.is_dir():
                 raise CowfsError(f"destination directory {dest.parent} does not exist")
             restored = _resumable(chain, dest, req)
@@ -485,8 +489,11 @@ def _resumable(chain: BackupChain, dest: Path, req: RestoreRequest) -> bitarray 
     return bits
 
 
-async def restore_all(restore: Restore, progress: Callable[[int, int], None]) -> None:
-    """Run the copier to the end (no mount): `cowfs restore` without --live."""
+async def restore_all(restore: Restore, progress: Callable[[int, int], None]) -> bool:
+    """Run the copier to the end (no mount): `cowfs restore` without --live. Ctrl-C or
+    SIGTERM stop it with the map saved, so that the next restore resumes; returns False
+    then."""
+    interrupted = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(restore.run_saver)
 
@@ -497,8 +504,22 @@ async def restore_all(restore: Restore, progress: Callable[[int, int], None]) ->
                 with trio.move_on_after(0.2):
                     await restore.done.wait()
 
-        nursery.start_soon(report)
-        await restore.run_copier()
+        async def stop_on_signals(copier: trio.CancelScope) -> None:
+            nonlocal interrupted
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    interrupted = True
+                    copier.cancel()
+                    return
+
+        with trio.CancelScope() as copier:
+            nursery.start_soon(stop_on_signals, copier)
+            nursery.start_soon(report)
+            await restore.run_copier()
+        if restore.running:
+            await restore.save()
         restore.done.set()
+        nursery.cancel_scope.cancel()
     st = restore.status()
     progress(st["bytes_done"], st["bytes_total"])
+    return not interrupted

@@ -142,13 +142,13 @@ def restore(args: argparse.Namespace) -> int:
                     bar.refresh()
 
             try:
-                trio.run(restore_all, r, progress)
-            except KeyboardInterrupt:
-                print(f"cowfs: interrupted; {req.dest} is incomplete (restore again resumes)")
-                return EXIT_INCOMPLETE
+                finished = trio.run(restore_all, r, progress)
             finally:
                 if bar is not None:
                     bar.close()
+            if not finished:
+                print(f"cowfs: interrupted; {req.dest} is incomplete (restore again resumes)")
+                return EXIT_INCOMPLETE
         finally:
             r.close()
     finally:

@@ -171,8 +171,10 @@ class Qcow2Link:
         self._need(self.l1_offset, self.l1_size * 8, "the L1 table")
         self.l1 = _be_table(os.pread(self.fd, self.l1_size * 8, self.l1_offset), "Q")
 
-    def _need(self, offset: int, length: int, what: str) -> None:
-        if offset % SECTOR or offset + length > self.file_size:
+    def _need(self, offset: int, length: int, what: str, aligned: bool = True) -> None:
+        """[offset, offset+length) must lie in the file; tables and data clusters start at
+        sector boundaries too (compressed clusters are packed at any byte)."""
+        if (aligned and offset % SECTOR) or offset + length > self.file_size:
             raise self._bad(f"{what} at {offset} lies outside the file")
 
     # -- the mapping ------------------------------------------------------------------
@@ -255,7 +257,7 @@ class Qcow2Link:
     def _decompress(self, entry: int) -> bytes:
         cs = self.cluster_size
         host, size = self._compressed(entry)
-        self._need(host, size, "a compressed cluster")
+        self._need(host, 1, "a compressed cluster", aligned=False)  # its size is a bound
         try:
             data = zlib.decompressobj(DEFLATE_WBITS).decompress(
                 read_exactly(self.fd, host, size), cs
