@@ -19,7 +19,9 @@ job still runs. Then:
   missing TARGET is bad input; a restore killed with -9 (or Ctrl-C) resumes and ends
   whole;
 * `qemu-img commit` changes the backing file under its checksums: `verify` of that
-  base fails and names it (what it says about the top is printed, not asserted).
+  base fails and names it (what it says about the top is printed, not asserted);
+  `cowfs commit` merges with the checksums and record, and the chain still verifies
+  and restores; a merge that fails leaves the backing file untrusted.
 """
 
 import json
@@ -620,3 +622,41 @@ def test_qemu_img_commit_is_reported(chain: Chain, tmp_path: Path, keep_top: boo
     print(f"verify {inc1.name} (exit {top.returncode}):\n{top.stdout}{top.stderr}")
     restored = restore(inc1, tmp_path / "restored.img")
     print(f"restore {inc1.name} (exit {restored.returncode}):\n{restored.stdout}")
+
+
+def test_cowfs_commit_keeps_the_chain_verified(chain: Chain, tmp_path: Path) -> None:
+    """`cowfs commit inc2` merges it into inc1 the way cowfs can vouch for: inc1 then
+    verifies on its own as the image at inc2's point in time, inc2 over it still
+    verifies and restores, and the merged file carries inc2's job, so the bitmap's next
+    incremental may name it as its backing."""
+    full, inc1, inc2 = chain.copy(tmp_path / "chain")
+    result = run_cowfs("commit", inc2)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert record(inc1)["point_in_time"] == record(inc2)["point_in_time"]
+    assert record(inc1)["job"] == record(inc2)["job"]
+    assert record(inc1)["merged"] == [str(inc2)]
+    assert_intact(inc1, links=2)
+    assert_intact(inc2, links=3)
+    for top in (inc1, inc2):
+        dest = tmp_path / f"{top.name}.img"
+        assert restore(top, dest).returncode == 0
+        assert files_equal(dest, chain.links[2].pit)
+    assert run_cowfs("commit", full).returncode == 2  # nothing below it to merge into
+
+
+def test_a_merge_that_fails_leaves_the_backing_file_untrusted(chain: Chain, tmp_path: Path) -> None:
+    """qemu-img commit refused (the top is busy: QEMU's lock held by qemu-io): the
+    backing file's record no longer says complete, so nothing trusts mixed content."""
+    _, inc1, inc2 = chain.copy(tmp_path / "chain")
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", str(inc2)], stdin=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: qemu_img("info", inc2).returncode != 0, what="qemu-io holds inc2")
+        result = run_cowfs("commit", inc2)
+    finally:
+        holder.communicate("quit\n", timeout=TIMEOUT)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "qemu-img commit failed" in result.stderr
+    assert record(inc1)["status"] == "running"
+    assert verify(inc2).returncode == 1
