@@ -158,7 +158,7 @@ class Restore:
 
     def begin(self) -> None:
         """Blocking: the record says running (and the map exists) before DEST is used."""
-        self._write_record()
+        self.write_record()
         if self.out.format == "raw":
             self._save_map(self.restored)
 
@@ -351,10 +351,12 @@ class Restore:
     async def _finish(self) -> None:
         async with self._saving:  # no map save after this: the record says complete
             await trio.to_thread.run_sync(self.out.fsync)
-            self.state = "complete"
             self.finished_mono = time.monotonic()
-            await trio.to_thread.run_sync(self._write_record)
+            # Complete only once the record says so: until then status says running, a
+            # crash leaves a restore to resume, and a failed write fails it.
+            await trio.to_thread.run_sync(self.write_record, "complete")
             map_path(self.dest).unlink(missing_ok=True)
+            self.state = "complete"
         log.info("restore complete: %s", self.dest)
         self.done.set()
 
@@ -366,7 +368,7 @@ class Restore:
         self.errors.append(reason)
         self.finished_mono = time.monotonic()
         try:
-            self._write_record()
+            self.write_record()
         except OSError as e:
             log.error("cannot write the record beside %s: %s", self.dest, e)
         self.done.set()
@@ -417,10 +419,12 @@ class Restore:
             "errors": list(self.errors),
         }
 
-    def _write_record(self) -> None:
+    def write_record(self, status: str | None = None) -> None:
+        """The record beside DEST says `status` (the restore's state by default), with this
+        process as its owner: the daemon writes it again after the fork."""
         st = self.status()
         record = Record(
-            status=self.state,
+            status=status or self.state,
             source=str(self.chain.top),
             target=str(self.dest),
             format=self.out.format,

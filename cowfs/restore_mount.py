@@ -72,6 +72,10 @@ def run_live_restore(req: RestoreRequest, mountpoint: Path, args: argparse.Names
     """Mount DEST as it fills; return once usable (the daemon goes on). Exit 0 then; in
     the foreground, when the restore has ended: 0 iff DEST is whole."""
     preflight.check_mountpoint(mountpoint)
+    if req.dest.absolute().is_relative_to(mountpoint) or (
+        req.dest.parent.exists() and req.dest.parent.resolve().is_relative_to(mountpoint.resolve())
+    ):
+        raise CowfsError(f"destination {req.dest} lies inside the mountpoint {mountpoint}")
     readiness: Readiness | None = None
     with contextlib.ExitStack() as undo:  # until the daemon serves, a failure undoes it all
         claim = Claim.take("mount", mountpoint, "mountpoint")
@@ -107,6 +111,7 @@ def run_live_restore(req: RestoreRequest, mountpoint: Path, args: argparse.Names
             setup_logging(log_path(req.dest), args.debug)
         claim.held_by(os.getpid())
         dest_claim.held_by(os.getpid())
+        restore.write_record()  # owned by the daemon now: `cowfs info` sees it alive
         undo.pop_all()
     if restore.resumed:
         log.info("resuming %s: %d bytes already restored", req.dest, restore.resumed_bytes)

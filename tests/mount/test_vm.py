@@ -45,14 +45,10 @@ mount) is torn down by a fixture, even when the test fails.
 """
 
 import contextlib
-import io
 import json
 import os
 import re
-import shutil
 import signal
-import stat
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -61,17 +57,19 @@ from pathlib import Path
 
 import pytest
 from conftest import TIMEOUT, cowfs_mounts, make_image, pid_gone, run_cowfs, wait_until
+from helpers.vm import (
+    ACCEL,
+    BOOT_S,
+    ERRORS,
+    GUEST_PRELUDE,
+    QEMU,
+    GuestFiles,
+    build_guest,
+    daemon_pids,
+)
+from helpers.vm import Guest as VmGuest
 
 COWFS = [sys.executable, "-m", "cowfs"]
-ROOT = next(d for d in Path(__file__).resolve().parents if (d / "pyproject.toml").is_file())
-GUEST_KERNEL = ROOT / ".venv" / "guest-kernel"
-"""Where scripts/setup.sh unpacks vmlinuz and the virtio modules of Debian's cloud kernel."""
-MODULES = "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
-"""The guest's modules, in dependency order (each .ko's .modinfo `depends=`)."""
-BUSYBOX = Path("/bin/busybox")
-QEMU = "qemu-system-x86_64"
-ACCEL = os.environ.get("COWFS_TEST_ACCEL", "tcg")
-
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 32 * MiB
 BLOCK = 4 * KiB
@@ -91,9 +89,6 @@ SLOW = "256K"
 the job surely runs on); lifted with `cowfs set-speed` once the race has been seen."""
 MORE = 40
 """Writes the guest must add between the steps (a real condition to wait on)."""
-BOOT_S = 90.0
-"""TCG boots the guest in about 3 s here; a slow CI machine gets plenty more."""
-ERRORS = re.compile(r"I/O error|Buffer I/O|blk_update_request|Kernel panic|cowfs-vm: FAILED")
 WROTE = re.compile(rb"cowfs-vm: wrote (\d+)\r?\n")
 
 
@@ -164,23 +159,9 @@ def assert_point_in_time(image: bytes, original: bytes, low: int, high: int, wha
 
 # -- the guest -------------------------------------------------------------------------
 
-INIT = f"""#!/bin/busybox sh
-# The guest: load virtio-blk, then write /dev/vda in a loop, one O_DIRECT block at a time.
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t devtmpfs devtmpfs /dev
-mount -t proc proc /proc
-mkdir -p /tmp
-log() {{ echo "<5>cowfs-vm: $*" > /dev/kmsg; }}
-for m in {MODULES}; do
-    insmod /modules/$m.ko || log "FAILED insmod $m"
-done
-n=0
-while [ ! -b /dev/vda ]; do
-    n=$((n + 1)); [ $n -gt 1000 ] && log "FAILED no /dev/vda" && break
-    sleep 0.01
-done
-log "ready"
+INIT = (
+    GUEST_PRELUDE
+    + f"""# The guest writes /dev/vda in a loop, one O_DIRECT block at a time.
 seq=0
 while :; do
     seq=$((seq + 1))
@@ -200,124 +181,34 @@ while :; do
 done
 while :; do sleep 3600; done
 """
+)
 assert (BLOCK // RECORD_LEN) == 1 << 6  # the six doublings above
-
-
-def _cpio(entries: list[tuple[str, int, bytes, int]]) -> bytes:
-    """An initramfs: a cpio archive in the kernel's "newc" format. Entries are (name,
-    mode, data, rdev); written by hand so that /dev/console can be a device node
-    without root privileges or a cpio tool."""
-    out = io.BytesIO()
-    for ino, (name, mode, data, rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)], 1):
-        encoded = name.encode() + b"\0"
-        nlink = 2 if stat.S_ISDIR(mode) else 1
-        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF)
-        out.write(b"070701" + b"".join(b"%08X" % f for f in (*fields, len(encoded), 0)))
-        out.write(encoded + b"\0" * (-(110 + len(encoded)) % 4))
-        out.write(data + b"\0" * (-len(data) % 4))
-    return out.getvalue()
-
-
-def _is_static(binary: Path) -> bool:
-    """An ELF executable without a PT_INTERP program header needs no dynamic loader."""
-    data = binary.read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        return False
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    types = [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
-    return 3 not in types  # PT_INTERP
-
-
-@dataclass
-class GuestFiles:
-    kernel: Path
-    initrd: Path
 
 
 @pytest.fixture(scope="session")
 def guest_files(tmp_path_factory: pytest.TempPathFactory) -> GuestFiles:
     """The guest's kernel (from scripts/setup.sh) and its initramfs, built once a session."""
-    missing = []
-    if shutil.which(QEMU) is None:
-        missing.append(f"{QEMU} (Debian package qemu-system-x86)")
-    kernels = sorted(GUEST_KERNEL.glob("vmlinuz-*"))
-    if not kernels or not all((GUEST_KERNEL / f"{m}.ko").is_file() for m in MODULES.split()):
-        missing.append(f"the guest kernel and its virtio modules in {GUEST_KERNEL}")
-    if not BUSYBOX.is_file() or not _is_static(BUSYBOX):
-        missing.append(f"a static {BUSYBOX} (Debian package busybox-static)")
-    if missing:
-        pytest.fail(f"the VM test needs {', '.join(missing)}: run scripts/setup.sh")
-    directory = tmp_path_factory.mktemp("vm-guest")
-    entries = [
-        ("dev", stat.S_IFDIR | 0o755, b"", 0),
-        ("dev/console", stat.S_IFCHR | 0o600, b"", os.makedev(5, 1)),
-        ("proc", stat.S_IFDIR | 0o755, b"", 0),
-        ("bin", stat.S_IFDIR | 0o755, b"", 0),
-        ("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes(), 0),
-        ("modules", stat.S_IFDIR | 0o755, b"", 0),
-        *[
-            (f"modules/{m}.ko", stat.S_IFREG | 0o644, (GUEST_KERNEL / f"{m}.ko").read_bytes(), 0)
-            for m in MODULES.split()
-        ],
-        ("init", stat.S_IFREG | 0o755, INIT.encode(), 0),
-    ]
-    initrd = directory / "initrd.cpio"
-    initrd.write_bytes(_cpio(entries))
-    return GuestFiles(kernels[-1], initrd)
+    return build_guest(tmp_path_factory.mktemp("vm-guest"), INIT)
 
 
-class Guest:
-    """A running QEMU guest whose serial console goes to a file the test reads."""
+class Guest(VmGuest):
+    """The writing guest: follows the console's `cowfs-vm: wrote SEQ` lines."""
 
     def __init__(self, files: GuestFiles, disk: Path, workdir: Path) -> None:
-        self.console = workdir / "console.log"
-        self.qemu_log = workdir / "qemu.log"
         self._seen = 0
         self._parsed = 0
-        self._text = b""
-        with open(self.qemu_log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    QEMU, "-accel", ACCEL, "-m", "256", "-smp", "1",
-                    "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
-                    "-no-reboot",
-                    "-kernel", str(files.kernel), "-initrd", str(files.initrd),
-                    "-append", "console=ttyS0 loglevel=6 printk.devkmsg=on panic=-1",
-                    "-serial", f"file:{self.console}",
-                    "-drive", f"file={disk},format=raw,if=virtio,cache=none",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        super().__init__(files, disk, workdir)
 
     def _read(self) -> None:
-        with contextlib.suppress(FileNotFoundError), open(self.console, "rb") as f:
-            f.seek(len(self._text))
-            self._text += f.read()
+        super()._read()
         end = self._text.rfind(b"\n") + 1  # complete lines only
         for m in WROTE.finditer(self._text, self._parsed, end):
             self._seen = max(self._seen, int(m.group(1)))
         self._parsed = max(self._parsed, end)
 
-    def text(self) -> str:
-        self._read()
-        return self._text.decode(errors="replace")
-
-    def tail(self, lines: int = 25) -> str:
-        console = "\n".join(self.text().splitlines()[-lines:])
-        qemu = self.qemu_log.read_text(errors="replace").strip()
-        return f"console (last {lines} lines):\n{console}\nqemu: {qemu or '(nothing)'}"
-
     def wrote(self) -> int:
         """The newest write the guest has reported done; raises if anything went wrong."""
-        self._read()
-        bad = ERRORS.search(self._text.decode(errors="replace"))
-        if bad:
-            raise AssertionError(f"the guest saw {bad.group(0)!r}\n{self.tail()}")
-        if self.proc.poll() is not None:
-            raise AssertionError(f"QEMU exited with {self.proc.returncode}\n{self.tail()}")
+        self.check()
         return self._seen
 
     def wait_wrote(self, seq: int, timeout: float = TIMEOUT) -> int:
@@ -327,36 +218,14 @@ class Guest:
             raise AssertionError(f"{e}\n{self.tail()}") from None
         return self.wrote()
 
-    def stop(self) -> int:
+    def stop(self) -> int:  # type: ignore[override]
         """QEMU's orderly exit on SIGTERM (in-flight requests complete); the last write
         the console reported."""
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(TIMEOUT)
-        self._read()
+        super().stop()
         return self._seen
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(TIMEOUT)
 
 
 # -- the mount -------------------------------------------------------------------------
-
-
-def _daemon_pids(mountpoint: Path) -> list[int]:
-    """Processes of `cowfs mount ... MOUNTPOINT` (when `status` never told the pid)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"cowfs" in args and b"mount" in args and os.fsencode(mountpoint) in args:
-            pids.append(int(entry))
-    return pids
 
 
 @dataclass
@@ -414,7 +283,7 @@ class VmRun:
         if not self.mountpoint.exists():
             return
         mounted = str(self.mountpoint) in cowfs_mounts()
-        pids = [self.daemon] if self.daemon is not None else _daemon_pids(self.mountpoint)
+        pids = [self.daemon] if self.daemon is not None else daemon_pids(self.mountpoint)
         if mounted:
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
         for pid in pids:  # SIGTERM cancels a job still copying; the daemon then exits
