@@ -22,7 +22,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import viewtree
+from . import fileattrs, viewtree
 from .busypoll import BusyPoller
 from .disk import Disk
 from .registry import Registry
@@ -49,28 +49,13 @@ class ImageNode:
         self.name = os.fsencode(disk.name)
 
     def attrs(self, attrs: pyfuse3.EntryAttributes) -> None:
-        st = os.fstat(self.disk.fd)
-        attrs.st_mode = st.st_mode
-        attrs.st_nlink = 1
-        attrs.st_uid, attrs.st_gid = st.st_uid, st.st_gid
-        attrs.st_size, attrs.st_blocks = st.st_size, st.st_blocks
-        attrs.st_atime_ns, attrs.st_mtime_ns = st.st_atime_ns, st.st_mtime_ns
-        attrs.st_ctime_ns = st.st_ctime_ns
+        fileattrs.fill(attrs, self.disk.fd)
 
     async def setattr(self, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
         if fields.update_size:
             await self.disk.truncate(attr.st_size)
         with self.disk.attributes() as fd:
-            if fields.update_mode:
-                os.fchmod(fd, stat.S_IMODE(attr.st_mode))
-            if fields.update_uid or fields.update_gid:
-                uid = attr.st_uid if fields.update_uid else -1
-                os.fchown(fd, uid, attr.st_gid if fields.update_gid else -1)
-            if fields.update_atime or fields.update_mtime:
-                st = os.fstat(fd)
-                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-                os.utime(fd, ns=(atime, mtime))
+            fileattrs.apply(fd, attr, fields)
 
     async def open(self, flags: int) -> None:
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .atomic import fsync_dir
 from .errors import CowfsError
 
 RECORD_SUFFIX = ".cowfs.json"
@@ -88,11 +89,7 @@ def write_record(path: Path, record: Record, reserve: bool = True) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
     if reserve:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
         try:

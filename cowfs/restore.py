@@ -32,6 +32,7 @@ import trio
 from bitarray import bitarray
 from bitarray.util import zeros
 
+from .atomic import replace_file
 from .chainread import BackupChain, CorruptCluster
 from .errors import CowfsError
 from .locks import ClusterClaims
@@ -338,15 +339,7 @@ class Restore:
         )
         body = header + bits.tobytes()
         data = body + hashlib.sha256(body).digest()
-        path = map_path(self.dest)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        replace_file(map_path(self.dest), data, 0o600)
 
     async def _finish(self) -> None:
         async with self._saving:  # no map save after this: the record says complete

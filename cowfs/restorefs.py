@@ -19,6 +19,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from . import fileattrs
 from .restore import Restore
 from .transfer import read_cached
 
@@ -66,13 +67,7 @@ class RestoreFS(pyfuse3.Operations):
             attrs.st_nlink = 2
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.created_ns
         elif inode == FILE:
-            st = os.fstat(self.restore.out.fd)
-            attrs.st_mode = st.st_mode
-            attrs.st_nlink = 1
-            attrs.st_uid, attrs.st_gid = st.st_uid, st.st_gid
-            attrs.st_size, attrs.st_blocks = self.restore.size, st.st_blocks
-            attrs.st_atime_ns, attrs.st_mtime_ns = st.st_atime_ns, st.st_mtime_ns
-            attrs.st_ctime_ns = st.st_ctime_ns
+            fileattrs.fill(attrs, self.restore.out.fd, self.restore.size)
         else:
             raise OSError(errno.ENOENT, "no such inode")
         return attrs
@@ -95,17 +90,7 @@ class RestoreFS(pyfuse3.Operations):
             raise OSError(errno.EPERM, "the root")
         if fields.update_size and attr.st_size != self.restore.size:
             raise OSError(errno.EPERM, "a restored disk keeps its size")
-        fd = self.restore.out.fd
-        if fields.update_mode:
-            os.fchmod(fd, stat.S_IMODE(attr.st_mode))
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            os.fchown(fd, uid, attr.st_gid if fields.update_gid else -1)
-        if fields.update_atime or fields.update_mtime:
-            st = os.fstat(fd)
-            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            os.utime(fd, ns=(atime, mtime))
+        fileattrs.apply(self.restore.out.fd, attr, fields)
         return self._attrs(inode)
 
     @_boundary

@@ -18,13 +18,13 @@ state is not data); SHA-256 of everything before it.
 """
 
 import hashlib
-import os
 import struct
 from pathlib import Path
 from typing import Protocol
 
 import xxhash
 
+from .atomic import replace_file
 from .errors import CowfsError
 
 MAGIC = b"COWFSSUM"
@@ -95,21 +95,7 @@ class Checksums:
     def save(self, path: Path) -> str:
         """Write the file atomically and durably; returns its SHA-256 for the record."""
         data = self.encode()
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_file(path, data)
         return hashlib.sha256(data).hexdigest()
 
     @classmethod

@@ -16,8 +16,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from helpers.views import LiveMounts
 
 # The shared helpers (tests/helpers) assert too: explain their failures as a test's.
 pytest.register_assert_rewrite("helpers")
@@ -190,6 +194,18 @@ def cowfs(tmp_path: Path) -> Iterator[CowfsRunner]:
         yield runner
     finally:
         runner.teardown()
+
+
+@pytest.fixture
+def mounts(cowfs: CowfsRunner) -> Iterator["LiveMounts"]:
+    """Long-lived mounts (`cowfs mount SRC MP`, no job) a test starts; all taken down."""
+    from helpers.views import LiveMounts
+
+    m = LiveMounts(cowfs)
+    try:
+        yield m
+    finally:
+        m.teardown()
 
 
 @pytest.fixture(autouse=True, scope="session")

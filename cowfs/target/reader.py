@@ -56,10 +56,7 @@ class RawLink:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise CowfsError(f"{path}: cannot open: {e.strerror}") from None
+        self.fd = _open(path)
         self.file_size = os.fstat(self.fd).st_size
 
     def holds(self, offset: int, length: int) -> tuple[bool, bool]:
@@ -102,10 +99,7 @@ class Qcow2Link:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise CowfsError(f"{path}: cannot open: {e.strerror}") from None
+        self.fd = _open(path)
         try:
             self._parse_header()
         except BaseException:
@@ -351,6 +345,13 @@ class Qcow2Link:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CowfsError(f"{path}: cannot open: {e.strerror}") from None
 
 
 def _held(entry: int) -> bool:

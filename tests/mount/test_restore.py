@@ -77,15 +77,6 @@ SLACK = 256 * KiB
 # -- backups under writers -------------------------------------------------------------------
 
 
-@pytest.fixture
-def mounts(cowfs: CowfsRunner) -> Iterator[LiveMounts]:
-    m = LiveMounts(cowfs)
-    try:
-        yield m
-    finally:
-        m.teardown()
-
-
 @dataclass
 class Link:
     target: Path

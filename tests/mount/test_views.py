@@ -27,12 +27,11 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, CowfsRunner, files_equal, make_image, run_cowfs, wait_until
+from conftest import TIMEOUT, files_equal, make_image, run_cowfs, wait_until
 from helpers.qemu import assert_identical, check_clean, qemu_img
 from helpers.views import (
     PAGE,
@@ -71,15 +70,6 @@ class ViewGoneNotEIO(AssertionError):
 
 class ReleasedRangeCached(AssertionError):
     """A released range the reader had read before still read (page cache)."""
-
-
-@pytest.fixture
-def mounts(cowfs: CowfsRunner) -> Iterator[LiveMounts]:
-    m = LiveMounts(cowfs)
-    try:
-        yield m
-    finally:
-        m.teardown()
 
 
 def sha(data: bytes) -> str:
