@@ -28,7 +28,7 @@ from .chainread import BackupChain, ChainLink, CorruptCluster
 from .claims import Claim
 from .errors import EXIT_INCOMPLETE, CowfsError
 from .record import record_path, write_record
-from .sums import ABSENT, DIGEST, Checksums, sums_path
+from .sums import ABSENT, DATA, Checksums, sums_path
 from .target.reader import open_link
 
 
@@ -42,8 +42,10 @@ def merged_sums(upper: Checksums, base: Checksums) -> Checksums:
             source = base
         else:
             continue  # past the backing file's end: reads as zeros, as before
-        merged.states[i] = source.states[i]
-        merged.digests[i * DIGEST : (i + 1) * DIGEST] = source.digest_of(i)
+        if source.states[i] == DATA:
+            merged.set_data(i, source.digest_of(i))
+        else:
+            merged.states[i] = source.states[i]
     return merged
 
 

@@ -13,12 +13,15 @@ it durable, and before its record says complete; the record holds the file's
 SHA-256, so a damaged checksum file is found too.
 
 Layout (little endian): magic `COWFSSUM`, version (u32), cluster size (u32), image
-size (u64); one state byte per cluster; 16 digest bytes per cluster (zeros where the
-state is not data); SHA-256 of everything before it.
+size (u64), length of the next part (u64); one state byte per cluster, deflated; the 16
+digest bytes of each data cluster, in the order of the clusters; SHA-256 of everything
+before it. Memory and file grow with the data, not with the image's size.
 """
 
 import hashlib
+import re
 import struct
+import zlib
 from pathlib import Path
 from typing import Protocol
 
@@ -28,11 +31,15 @@ from .atomic import replace_file
 from .errors import CowfsError
 
 MAGIC = b"COWFSSUM"
-VERSION = 1
-HEADER = struct.Struct("<8sIIQ")
+VERSION = 2
+HEADER = struct.Struct("<8sIIQQ")
+"""Magic, version, cluster size, image size, length of the compressed states."""
 DIGEST = 16
 ALGORITHM = "xxh3-128"
 SUMS_SUFFIX = ".cowfs.sums"
+CHUNK = 4096
+"""Clusters per block of digests held in memory: only blocks with data take space, so a
+huge sparse image costs little more than its states (one byte per cluster)."""
 
 ABSENT = 0
 """Not in this target: it reads through to the backing file (or as zero without one)."""
@@ -40,7 +47,8 @@ ZERO = 1
 DATA = 2
 RELEASED = 3
 """Freed by a view's reader: the target no longer holds it."""
-STATE_NAMES = {ABSENT: "absent", ZERO: "zero", DATA: "data", RELEASED: "released"}
+
+_DATA_STATE = re.compile(bytes([DATA]))
 
 
 def sums_path(target: Path) -> Path:
@@ -52,20 +60,27 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
 
 
 class Checksums:
-    """One state and one digest per cluster of `size` bytes. Recording is safe from
-    several threads at once for distinct clusters (each is a single GIL-held store)."""
+    """One state per cluster of `size` bytes, and a digest per data cluster. Recording is
+    safe from several threads at once for distinct clusters (each is a single GIL-held
+    store; a new block of digests is made under the GIL too)."""
 
     def __init__(self, size: int, cluster_size: int) -> None:
         self.size = size
         self.cluster_size = cluster_size
         self.count = -(-size // cluster_size)
         self.states = bytearray(self.count)
-        self.digests = bytearray(self.count * DIGEST)
+        self._digests: dict[int, bytearray] = {}
 
     def data(self, offset: int, cluster: memoryview) -> None:
         """The job wrote `cluster` (the image's bytes there, up to its end) at `offset`."""
-        i = offset // self.cluster_size
-        self.digests[i * DIGEST : (i + 1) * DIGEST] = digest(cluster)
+        self.set_data(offset // self.cluster_size, digest(cluster))
+
+    def set_data(self, i: int, value: bytes) -> None:
+        block = self._digests.get(i // CHUNK)
+        if block is None:
+            block = self._digests.setdefault(i // CHUNK, bytearray(CHUNK * DIGEST))
+        pos = i % CHUNK * DIGEST
+        block[pos : pos + DIGEST] = value
         self.states[i] = DATA
 
     def zero(self, offset: int, length: int) -> None:
@@ -75,10 +90,13 @@ class Checksums:
 
     def release(self, first: int, count: int) -> None:
         self.states[first : first + count] = bytes([RELEASED]) * count
-        self.digests[first * DIGEST : (first + count) * DIGEST] = bytes(count * DIGEST)
 
     def digest_of(self, cluster: int) -> bytes:
-        return bytes(self.digests[cluster * DIGEST : (cluster + 1) * DIGEST])
+        """The digest of a data cluster (zeros for any other)."""
+        if self.states[cluster] != DATA:
+            return bytes(DIGEST)
+        pos = cluster % CHUNK * DIGEST
+        return bytes(self._digests[cluster // CHUNK][pos : pos + DIGEST])
 
     def extent(self, cluster: int) -> tuple[int, int]:
         """Offset and length of `cluster` (the last one may be partial)."""
@@ -88,8 +106,17 @@ class Checksums:
     # -- the file ----------------------------------------------------------------
 
     def encode(self) -> bytes:
-        body = HEADER.pack(MAGIC, VERSION, self.cluster_size, self.size)
-        body += bytes(self.states) + bytes(self.digests)
+        """Header, the states deflated (runs of one state shrink to nothing), the digests
+        of the data clusters in order, SHA-256 of all that."""
+        states = zlib.compress(bytes(self.states), 1)
+        parts = [HEADER.pack(MAGIC, VERSION, self.cluster_size, self.size, len(states)), states]
+        for chunk in sorted(self._digests):
+            block = self._digests[chunk]
+            base = chunk * CHUNK
+            for match in _DATA_STATE.finditer(self.states, base, min(base + CHUNK, self.count)):
+                pos = (match.start() - base) * DIGEST
+                parts.append(block[pos : pos + DIGEST])
+        body = b"".join(parts)
         return body + hashlib.sha256(body).digest()
 
     def save(self, path: Path) -> str:
@@ -108,18 +135,25 @@ class Checksums:
             raise CowfsError(f"{path}: cannot read the checksums: {e.strerror}") from None
         if hashlib.sha256(data).hexdigest() != expected_sha256:
             raise CowfsError(f"{path}: the checksum file is damaged (not the one its record names)")
+        bad = CowfsError(f"{path}: not a cowfs checksum file of version {VERSION}")
         if len(data) < HEADER.size + 32:
-            raise CowfsError(f"{path}: the checksum file is truncated")
-        magic, version, cluster_size, size = HEADER.unpack_from(data)
+            raise bad
+        magic, version, cluster_size, size, packed = HEADER.unpack_from(data)
         if magic != MAGIC or version != VERSION or cluster_size <= 0:
-            raise CowfsError(f"{path}: not a cowfs checksum file of version {VERSION}")
+            raise bad
         sums = cls(size, cluster_size)
-        if len(data) != HEADER.size + sums.count * (1 + DIGEST) + 32:
+        pos = HEADER.size + packed
+        try:
+            sums.states[:] = zlib.decompress(data[HEADER.size : pos])
+        except zlib.error:
+            raise bad from None
+        if len(sums.states) != sums.count:
+            raise bad
+        digests = memoryview(data)[pos:-32]
+        if len(digests) != sums.states.count(DATA) * DIGEST:
             raise CowfsError(f"{path}: the checksum file has the wrong length")
-        pos = HEADER.size
-        sums.states[:] = data[pos : pos + sums.count]
-        pos += sums.count
-        sums.digests[:] = data[pos : pos + sums.count * DIGEST]
+        for n, match in enumerate(_DATA_STATE.finditer(sums.states)):
+            sums.set_data(match.start(), digests[n * DIGEST : (n + 1) * DIGEST])
         return sums
 
 
