@@ -27,7 +27,7 @@ from .errors import EXIT_INCOMPLETE, EXIT_OK, CowfsError
 from .log import setup_logging
 from .mount import MOUNT_OPTIONS
 from .record import log_path
-from .restore import Restore, RestoreRequest
+from .restore import LIVE_BATCH_BYTES, Restore, RestoreRequest
 from .restorefs import RestoreFS
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def run_live_restore(req: RestoreRequest, mountpoint: Path, args: argparse.Names
         dest_claim = Claim.take("target", req.dest, "destination")
         undo.callback(dest_claim.release)
         restore = Restore.prepare(req)
+        restore.batch_bytes = LIVE_BATCH_BYTES
         undo.callback(restore.close)
         restore.begin()
         sock_path = claim.lock.with_suffix(".sock")
