@@ -1,67 +1,33 @@
 """Shared fixtures: images, real cowfs daemons, and teardown that never leaves a mount.
 
 Every daemon a test starts is tracked; teardown finishes it if it can, then kills
-it and lazily unmounts whatever is left, even when the test failed. The session
-fails if a fuse.cowfs mount survives it.
+it and lazily unmounts whatever is left, even when the test failed (how: the `cowfs`
+runner of helpers/mounting.py, which the bench shares). The session fails if a
+fuse.cowfs mount survives it.
 """
 
 import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
-
-if TYPE_CHECKING:
-    from helpers.views import LiveMounts
 
 # The shared helpers (tests/helpers) assert too: explain their failures as a test's.
 pytest.register_assert_rewrite("helpers")
 
-COWFS = [sys.executable, "-m", "cowfs"]
-TIMEOUT = 60.0
-
-
-def cowfs_mounts() -> set[str]:
-    with open("/proc/mounts") as f:
-        return {line.split()[1] for line in f if line.split()[2] == "fuse.cowfs"}
-
-
-def run_cowfs(*args: str | os.PathLike, check: bool = False, timeout: float = TIMEOUT):
-    """Run the CLI as a user would; returns the CompletedProcess (text output)."""
-    return subprocess.run(
-        [*COWFS, *map(str, args)], capture_output=True, text=True, timeout=timeout, check=check
-    )
-
-
-def wait_until(condition, timeout: float = TIMEOUT, what: str = "condition") -> None:
-    """Poll a real condition (not a sleep as synchronisation) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+from helpers.mounting import (  # noqa: E402 (after the rewrite is registered)
+    TIMEOUT,
+    CowfsRunner,
+    is_mounted,
+    lazy_unmount,
+    mountpoints,
+    wait_until,
+)
 
 
 def make_image(path: Path, size: int, seed: int, holes: bool = True) -> Path:
@@ -99,94 +65,6 @@ def files_equal(a: Path, b: Path, limit: int | None = None) -> bool:
     return True
 
 
-@dataclass
-class Mounted:
-    """A running cowfs daemon and its mount."""
-
-    source: Path
-    mountpoint: Path
-    target: Path
-    pid: int
-    proc: subprocess.Popen | None = None  # set for foreground daemons
-    finished: bool = field(default=False)
-
-    @property
-    def live(self) -> Path:
-        return self.mountpoint / self.source.name
-
-    def status(self) -> dict:
-        return json.loads(run_cowfs("status", self.mountpoint, "--json", check=True).stdout)
-
-    def finish(self) -> subprocess.CompletedProcess:
-        result = run_cowfs("finish", self.mountpoint)
-        if result.returncode != 2:
-            self.finished = True
-        return result
-
-    def wait_exit(self, timeout: float = TIMEOUT) -> None:
-        wait_until(lambda: pid_gone(self.pid), timeout, f"cowfs pid {self.pid} to exit")
-        if self.proc is not None:
-            self.proc.wait(timeout)
-
-    def is_mounted(self) -> bool:
-        return str(self.mountpoint) in cowfs_mounts()
-
-
-class CowfsRunner:
-    """Starts daemons for one test and tears every one of them down."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.started: list[Mounted] = []
-
-    def mount(
-        self,
-        source: Path,
-        target: Path | None = None,
-        *options: str,
-        mountpoint: Path | None = None,
-        foreground: bool = False,
-    ) -> Mounted:
-        mountpoint = mountpoint or self.workdir / "mnt"
-        mountpoint.mkdir(exist_ok=True)
-        target = target or self.workdir / "target.img"
-        args = [*COWFS, "mount", str(source), str(mountpoint), "--target", str(target), *options]
-        if foreground:
-            proc = subprocess.Popen(
-                [*args, "--foreground"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            mounted = Mounted(source, mountpoint, target, proc.pid, proc)
-            self.started.append(mounted)
-            wait_until(mounted.is_mounted, what="the foreground mount")
-            wait_until(lambda: _status_readable(mountpoint), what="the job to start")
-            return mounted
-        result = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
-        assert result.returncode == 0, f"mount failed: {result.stderr}"
-        pid = json.loads(run_cowfs("status", mountpoint, "--json", check=True).stdout)["pid"]
-        mounted = Mounted(source, mountpoint, target, pid)
-        self.started.append(mounted)
-        return mounted
-
-    def teardown(self) -> None:
-        for m in self.started:
-            if m.is_mounted() and not pid_gone(m.pid):
-                subprocess.run(["fusermount3", "-u", "-z", str(m.mountpoint)], check=False)
-            if not pid_gone(m.pid):
-                try:
-                    wait_until(lambda m=m: pid_gone(m.pid), 20, "daemon exit after unmount")
-                except TimeoutError:
-                    os.kill(m.pid, signal.SIGKILL)
-            if m.proc is not None:
-                m.proc.kill()
-                m.proc.communicate(timeout=TIMEOUT)
-            if m.is_mounted():
-                subprocess.run(["fusermount3", "-u", "-z", str(m.mountpoint)], check=False)
-
-
-def _status_readable(mountpoint: Path) -> bool:
-    return run_cowfs("status", mountpoint, "--json").returncode == 0
-
-
 @pytest.fixture
 def cowfs(tmp_path: Path) -> Iterator[CowfsRunner]:
     runner = CowfsRunner(tmp_path)
@@ -196,27 +74,15 @@ def cowfs(tmp_path: Path) -> Iterator[CowfsRunner]:
         runner.teardown()
 
 
-@pytest.fixture
-def mounts(cowfs: CowfsRunner) -> Iterator["LiveMounts"]:
-    """Long-lived mounts (`cowfs mount SRC MP`, no job) a test starts; all taken down."""
-    from helpers.views import LiveMounts
-
-    m = LiveMounts(cowfs)
-    try:
-        yield m
-    finally:
-        m.teardown()
-
-
 @pytest.fixture(autouse=True, scope="session")
 def no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Only mounts under this session's temporary directory count: other sessions
     (other test runs, benchmarks) may have mounts of their own at the same time."""
     base = str(tmp_path_factory.getbasetemp()) + os.sep
     yield
-    left = {mp for mp in cowfs_mounts() if mp.startswith(base)}
+    left = {mp for mp in mountpoints() if mp.startswith(base)}
     for mp in left:
-        subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
+        lazy_unmount(Path(mp))
     assert not left, f"tests left cowfs mounts behind: {sorted(left)}"
 
 
@@ -226,24 +92,11 @@ def no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
 # lies on small_fs, must be gone before that filesystem goes. pytest tears fixtures down
 # in reverse order of setup, so a fixture that merely depended on `cowfs` would be torn
 # down *before* it. Both fixtures therefore depend on `cowfs` and stop its daemons
-# themselves, first thing in their teardown (`_stop_daemons_first`).
+# themselves, first thing in their teardown (the runner forgets what it took down).
 
 FAULTFS = Path(__file__).with_name("faultfs.py")
 FAULTFS_FSTYPE = "fuse.faultfs"
 EIO = 5
-
-
-def _mounts_of_type(fstype: str) -> set[str]:
-    with open("/proc/mounts") as f:
-        return {line.split()[1] for line in f if line.split()[2] == fstype}
-
-
-def _stop_daemons_first(runner: CowfsRunner) -> None:
-    """Tear down the test's cowfs daemons now (idempotent: forgets them afterwards)."""
-    try:
-        runner.teardown()
-    finally:
-        runner.started.clear()
 
 
 class FaultyFS:
@@ -273,7 +126,7 @@ class FaultyFS:
         wait_until(ready, 20, "the faultfs mount")
 
     def is_mounted(self) -> bool:
-        return str(self.mountpoint) in _mounts_of_type(FAULTFS_FSTYPE)
+        return is_mounted(self.mountpoint, FAULTFS_FSTYPE)
 
     def path(self, name: str) -> Path:
         """The file `name` as seen through the fault mount (what cowfs should use)."""
@@ -340,8 +193,7 @@ class FaultyFS:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=TIMEOUT)
-        if self.is_mounted():
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+        lazy_unmount(self.mountpoint, FAULTFS_FSTYPE)
 
 
 @pytest.fixture
@@ -357,7 +209,7 @@ def faulty(cowfs: CowfsRunner, tmp_path: Path) -> Iterator[FaultyFS]:
         yield fs
     finally:
         try:
-            _stop_daemons_first(cowfs)
+            cowfs.teardown()  # the daemons first
         finally:
             fs.teardown()
 
@@ -418,7 +270,7 @@ def small_fs(cowfs: CowfsRunner, tmp_path: Path) -> Iterator[SmallFS]:
         yield SmallFS(path, SMALL_FS_SIZE)
     finally:
         try:
-            _stop_daemons_first(cowfs)
+            cowfs.teardown()  # the daemons first
         finally:
             if subprocess.run(["umount", str(path)], capture_output=True).returncode:
                 subprocess.run(["umount", "-l", str(path)], check=False)
@@ -429,10 +281,10 @@ def no_leftover_fault_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """No faultfs or small tmpfs of this session may outlive it."""
     base = str(tmp_path_factory.getbasetemp()) + os.sep
     yield
-    left = {mp for mp in _mounts_of_type(FAULTFS_FSTYPE) if mp.startswith(base)}
+    left = {mp for mp in mountpoints(FAULTFS_FSTYPE) if mp.startswith(base)}
     for mp in left:
-        subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
-    tmpfs = {mp for mp in _mounts_of_type("tmpfs") if mp.startswith(base)}
+        lazy_unmount(Path(mp), FAULTFS_FSTYPE)
+    tmpfs = {mp for mp in mountpoints("tmpfs") if mp.startswith(base)}
     for mp in tmpfs:
         subprocess.run(["umount", "-l", mp], check=False)
     assert not left | tmpfs, f"tests left fault mounts behind: {sorted(left | tmpfs)}"

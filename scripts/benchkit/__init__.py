@@ -6,7 +6,9 @@ data flowing one way (cli -> phases -> report):
 
 - `anchor`: the QEMU anchor (`qemu_backup.py`), imported from `--anchors` at run time.
 - `harness`: the processes of a run -- cowfs commands, mounts, writer children, py-spy --
-  and their teardown; the timed I/O several phases share.
+  and their teardown; the timed I/O several phases share. Starting and taking down a
+  mount is tests/helpers/mounting.py's, shared with the tests (tests/ is put on sys.path
+  here, so that every module of the package can import `helpers.mounting`).
 - `workspace`: one run's state (`Bench`): the pristine image and its copies, the
   workloads, and how a cowfs backup is timed.
 - `qemu`: QEMU's side of every comparison.
@@ -14,3 +16,10 @@ data flowing one way (cli -> phases -> report):
 - `report`: medians, spreads, the table of ratios against the floors, the checks.
 - `cli`: the options and `main`.
 """
+
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[2] / "tests"
+if str(TESTS) not in sys.path:
+    sys.path.append(str(TESTS))

@@ -3,8 +3,11 @@
 Owns every child of a run -- `cowfs mount` daemons (`CowfsMount`, `ServingMount`), the
 writer processes (`Writer`), py-spy -- and the teardown that leaves none of them, and no
 mount, behind: each is a context manager whose exit always cleans up, on errors, Ctrl-C
-and SIGTERM too (the CLI turns signals into SystemExit so that every exit runs). Also
-the small timed I/O that several phases share (whole-file and 64K reads, fsync).
+and SIGTERM too (the CLI turns signals into SystemExit so that every exit runs). How a
+mount starts, answers and is taken down is tests/helpers/mounting.py's, which the tests
+use too; the bench adds its timeouts and its politer ends (a cancel, and for a mount
+without a job an unmount, before the lazy unmount and SIGKILL). Also the small timed
+I/O that several phases share (whole-file and 64K reads, fsync).
 
 It measures nothing by itself and knows no phase: what to run and what the figures mean
 is `phases`'s, QEMU's side is `qemu`'s.
@@ -20,23 +23,31 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from cowfs.claims import claim_file
-from cowfs.control import read_status, send_command
+from helpers.mounting import (
+    COWFS,
+    UNMOUNT,
+    Cli,
+    Mounted,
+    pid_gone,
+    serving_pids,
+    take_down,
+    wait_for,
+)
+
+from cowfs.control import send_command
 from cowfs.errors import CowfsError
-from cowfs.record import FINAL_STATES
 
 from .anchor import qb
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "scripts" / "bench.py"
 """What a writer child runs (`--writer-child`): the bench's own entry point."""
-COWFS = [sys.executable, "-m", "cowfs"]
 MiB = 1 << 20
 POLL_S = 0.1
 """Status polling interval, as the anchor polls QMP: cheap for the daemon (one control read)."""
@@ -51,48 +62,6 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
 
 
-def is_mounted(path: Path) -> bool:
-    return bool(qb.is_mounted(str(path)))
-
-
-def pid_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
-def reap(pid: int, timeout: float) -> bool:
-    """Wait up to `timeout` s for `pid` (a daemon this bench started) to go, else SIGKILL
-    it; True if it went by itself."""
-    if wait_for(lambda: pid_gone(pid), timeout):
-        return True
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: pid_gone(pid), 10)
-    return False
-
-
-def detach(mountpoint: Path, grace: float = 0) -> bool:
-    """If `mountpoint` is still mounted after `grace` s, unmount it lazily (fusermount3 -u
-    -z: works with files still open); True if it was not mounted by then."""
-    if grace:
-        wait_for(lambda: not is_mounted(mountpoint), grace)
-    if not is_mounted(mountpoint):
-        return True
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-    return False
-
-
 def fsync_seconds(path: Path) -> float:
     """How long an fsync of `path` takes: what a command left unwritten."""
     seconds, _ = qb.timed(qb.fsync_path, str(path))
@@ -102,25 +71,8 @@ def fsync_seconds(path: Path) -> float:
 # -- cowfs commands ---------------------------------------------------------------------
 
 
-class Cli:
-    """How cowfs is run: this checkout's (`CURRENT`), or another revision's code (`--baseline-rev`:
-    its tree on PYTHONPATH, and `-P` so that the working directory, which `-m` would put
-    first on sys.path, cannot shadow it)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.argv, self.env = argv, env
-
-    def run(self, argv: list[str], timeout: float = 3600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, check=False, env=self.env
-        )
-
-    def cowfs(self, *argv: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
-        """One cowfs command as a user runs it; its exit code is the caller's to judge."""
-        return self.run([*self.argv, *argv], timeout)
-
-
-CURRENT = Cli(COWFS)
+CURRENT = Cli(COWFS, timeout=3600)
+"""This checkout's cowfs; a command may take an hour (a full backup of a large image)."""
 run_cowfs = CURRENT.cowfs
 
 
@@ -136,7 +88,8 @@ def baseline_cli(rev: str, where: Path) -> Cli:
         raise SystemExit(f"--baseline-rev {rev}: {archive.stderr.decode().strip()}")
     where.mkdir()
     subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
-    cli = Cli([sys.executable, "-P", "-m", "cowfs"], dict(os.environ, PYTHONPATH=str(where)))
+    env = dict(os.environ, PYTHONPATH=str(where))
+    cli = Cli([sys.executable, "-P", "-m", "cowfs"], env, timeout=3600)
     probe = cli.run([sys.executable, "-P", "-c", "import cowfs; print(cowfs.__file__)"])
     if not probe.stdout.startswith(str(where)):
         raise SystemExit(f"--baseline-rev {rev}: its cowfs does not import ({probe.stderr})")
@@ -146,11 +99,17 @@ def baseline_cli(rev: str, where: Path) -> Cli:
 # -- mounts -----------------------------------------------------------------------------
 
 
-class CowfsMount:
-    """One `cowfs mount` daemon with a job (`--target`); as a context manager it mounts on
-    entry and tears down on exit. `teardown()` is idempotent and always leaves nothing behind."""
+STOP_BENCH = ((None, 5.0), (UNMOUNT, 30.0), (signal.SIGKILL, 10.0))
+"""After the polite end: 5 s for the daemon to unmount and go by itself, then a lazy
+unmount (it works with files still open) and 30 s, then SIGKILL."""
+START_S = 120.0
+"""How long `cowfs mount` may take to serve (a 1 TiB source, (d))."""
 
-    live: Path
+
+class CowfsMount(Mounted):
+    """One `cowfs mount` daemon with a job (`--target`, replacing the bench's previous
+    target: `--force`); as a context manager it mounts on entry and tears down on exit.
+    `teardown()` is idempotent and always leaves nothing behind."""
 
     def __init__(
         self,
@@ -160,54 +119,14 @@ class CowfsMount:
         *options: str,
         cli: Cli = CURRENT,
     ) -> None:
-        self.source, self.mountpoint, self.target = source, mountpoint, target
-        self.options = options
-        self.cli = cli
-        self.pid = 0
+        force = ["--force"] if target is not None else []
+        super().__init__(source, mountpoint, target, [*force, *options], cli=cli, stop=STOP_BENCH)
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.teardown()
-            raise
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.teardown()
-
-    def start(self) -> Self:
-        self.mountpoint.mkdir(exist_ok=True)
-        argv = ["mount", str(self.source), str(self.mountpoint)]
-        if self.target is not None:
-            argv += ["--target", str(self.target), "--force"]
-        done = self.cli.cowfs(*argv, *self.options, timeout=120)
-        if done.returncode:
-            self.teardown()
-            raise RuntimeError(f"cowfs mount failed: {done.stderr.strip()}")
-        try:
-            self.pid = int(self.status()["pid"])
-        except Exception as e:
-            self.teardown()
-            raise RuntimeError(f"cowfs mount returned 0 but: {e}; log: {self.log_tail()}") from e
-        self.live = self.mountpoint / self.source.name
-        return self
-
-    def log_path(self) -> Path:
-        return Path(str(self.target) + ".cowfs.log")
-
-    def log_tail(self) -> str:
-        try:
-            return self.log_path().read_text()[-2000:]
-        except OSError as e:
-            return str(e)
-
-    def status(self) -> dict[str, Any]:
-        return read_status(self.mountpoint)
+    def start(self, timeout: float | None = START_S) -> Self:
+        return super().start(timeout)
 
     def copied(self) -> bool:
-        st = self.status()
+        st = self.poll()
         return bool(st["bytes_done"] >= st["bytes_total"])
 
     def vm(self, field: str) -> int:
@@ -218,77 +137,43 @@ class CowfsMount:
                     return int(line.split()[1]) * 1024
         raise KeyError(field)
 
-    def finish(self) -> int:
-        return self._end("finish")
-
-    def cancel(self) -> int:
-        return self._end("cancel")
-
-    def _end(self, command: str) -> int:
-        """`cowfs finish|cancel MP`, then wait for the daemon to go; its exit code."""
-        done = self.cli.cowfs(command, str(self.mountpoint))
-        wait_for(lambda: pid_gone(self.pid), 60)
-        return done.returncode
-
-    def teardown(self) -> None:
-        """Cancel (fast: no copying left to wait for), then lazy unmount, then SIGKILL."""
-        if self.pid and not pid_gone(self.pid) and is_mounted(self.mountpoint):
+    def wind_down(self) -> None:
+        """Cancel (fast: no copying left to wait for); then `STOP_BENCH`."""
+        if self.is_mounted():
             with suppress(CowfsError):
                 send_command(self.mountpoint, "cancel")
-        detach(self.mountpoint, grace=5)
-        if self.pid:
-            reap(self.pid, 30)
-        detach(self.mountpoint)
 
 
 class ServingMount(CowfsMount):
     """`cowfs mount IMG MP` without --target: serves the image and runs no job; jobs start
-    and end on it by command. `teardown()` cancels what still runs and unmounts, then
+    and end on it by command. Its teardown cancels what still runs and unmounts, then
     falls back on CowfsMount's (lazy unmount, SIGKILL) for a file still open."""
 
     def __init__(self, source: Path, mountpoint: Path, *options: str) -> None:
         super().__init__(source, mountpoint, None, *options)
 
-    def log_path(self) -> Path:
-        return claim_file("mount", self.mountpoint, ".log")
-
-    def job(self, job_id: int) -> dict[str, Any]:
-        return next(j for j in self.status()["jobs"] if j["id"] == job_id)
-
-    def unmount(self) -> int:
-        """`cowfs unmount`: refused while a job runs or a file is open."""
-        done = self.cli.cowfs("unmount", str(self.mountpoint))
-        if not done.returncode:
-            wait_for(lambda: pid_gone(self.pid), 60)
-        return done.returncode
-
-    def running(self) -> set[int]:
-        return {j["id"] for j in self.status()["jobs"] if j["state"] not in FINAL_STATES}
-
-    def teardown(self) -> None:
-        if self.pid and not pid_gone(self.pid) and is_mounted(self.mountpoint):
+    def wind_down(self) -> None:
+        if self.is_mounted():
             with suppress(CowfsError):
-                for job_id in self.running():
-                    with suppress(CowfsError):
-                        send_command(self.mountpoint, "cancel", job=job_id)
-                wait_for(lambda: not self.running(), 30, POLL_S)
+                self.cancel_jobs()
+                wait_for(lambda: not self.running_jobs(), 30, POLL_S)
                 send_command(self.mountpoint, "unmount")
                 wait_for(lambda: pid_gone(self.pid), 10)
-        super().teardown()
+        if not pid_gone(self.pid):
+            super().wind_down()
+
+
+STOP_LIVE_RESTORE = ((signal.SIGTERM, 60.0), (signal.SIGKILL, 10.0))
+"""SIGTERM: the daemon stops its copier, saves its map and unmounts (DEST stays
+resumable); `cowfs unmount` would wait for the whole copy."""
 
 
 def stop_live_restore(mnt: Path, pid: int) -> bool:
-    """End the live restore this bench started on `mnt` (its daemon, by pid): SIGTERM,
-    then SIGKILL and a lazy unmount if need be. True if it went by itself."""
-    if not pid:
-        with suppress(CowfsError, OSError, KeyError, ValueError):
-            pid = int(read_status(mnt)["pid"])
-    clean = True
-    if pid and not pid_gone(pid):
-        os.kill(pid, signal.SIGTERM)
-        clean = reap(pid, 60)
-    clean = detach(mnt, grace=5) and clean
-    return clean and bool(pid)
+    """End the live restore this bench started on `mnt` (its daemon, by pid, else the one
+    serving `mnt`): `STOP_LIVE_RESTORE`, then 5 s for the mount to go by itself before a
+    lazy unmount. True if it went by itself."""
+    pids = [pid] if pid else serving_pids(mnt, b"restore")
+    return take_down(mnt, pids, STOP_LIVE_RESTORE, settle=5.0) and bool(pids)
 
 
 # -- writers ----------------------------------------------------------------------------

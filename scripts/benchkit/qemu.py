@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from helpers.mounting import is_mounted, lazy_unmount
+
 from .anchor import qb
-from .harness import DIRTY_BS, MiB, Writer, detach, fsync_seconds, is_mounted, read_all, timed_reads
+from .harness import DIRTY_BS, MiB, Writer, fsync_seconds, read_all, timed_reads
 from .workspace import Bench
 
 
@@ -162,10 +164,10 @@ def qsd_reads(b: Bench, top: Path, offsets: list[int], reference: Path) -> dict[
     try:
         with qb.QSD(str(b.wd), "jchain", [node], extra_args=["--export", json.dumps(spec)]):
             ready_s = (qb.mono() - t0) / 1e9
-            if not is_mounted(export):
+            if not is_mounted(export, None):  # any type: QSD's FUSE export
                 raise RuntimeError("QSD's FUSE export of the chain is not mounted")
             out = timed_reads(export, offsets, reference)
     finally:
-        detach(export)
+        lazy_unmount(export, None)
         export.unlink(missing_ok=True)
     return out | {"ready_s": ready_s}

@@ -124,7 +124,7 @@ class Bench:
         with CowfsMount(src, self.mnt, tgt, *options, cli=cli) as m:
             t1 = qb.mono()
             with py_spy(m.pid, self.profile_path(spy) if spy else None):
-                rc = m.finish()
+                rc = m.end("finish")
             t2 = qb.mono()
         fsync_s = fsync_seconds(tgt)
         record = record_of(tgt)

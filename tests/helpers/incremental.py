@@ -7,8 +7,9 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from conftest import CowfsRunner, files_equal, run_cowfs
+from conftest import files_equal
 
+from helpers.mounting import CowfsRunner, run_cowfs
 from helpers.mounts import assert_gone, write_live
 from helpers.qemu import assert_identical, check_clean, qemu_img
 from helpers.sizes import KiB, MiB

@@ -25,24 +25,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bitarray import bitarray
-from conftest import (
+
+from cowfs.control import read_status
+from cowfs.errors import CowfsError
+from helpers.incremental import random_writes
+from helpers.mounting import (
     COWFS,
     TIMEOUT,
     CowfsRunner,
     Mounted,
-    cowfs_mounts,
+    daemon_pids,
+    is_mounted,
+    ok,
     pid_gone,
     run_cowfs,
+    take_down,
+    unmount_released,
     wait_until,
 )
-
-from cowfs.control import read_status
-from helpers.incremental import random_writes
 from helpers.mounts import info, record, write_live
 from helpers.qemu import qemu_img
 from helpers.sizes import KiB, MiB
-from helpers.views import PAGE, ok, read_direct
-from helpers.vm import daemon_pids
+from helpers.views import PAGE, read_direct
 
 CLUSTER = 64 * KiB
 """The backups' cluster size (cowfs's default): the restore's unit."""
@@ -83,11 +87,7 @@ def make_chain(
     rng = random.Random(seed)
     image = bytearray(source.read_bytes())
     mountpoint = workdir / "src-mnt"
-    mountpoint.mkdir()
-    ok("mount", source, mountpoint)
-    pid = int(json.loads(ok("status", mountpoint, "--json").stdout)["pid"])
-    m = Mounted(source, mountpoint, mountpoint, pid)
-    cowfs.started.append(m)  # torn down with the test's other daemons, whatever happens
+    m = cowfs.serve(mountpoint, source)  # torn down with the test's other daemons, whatever happens
     chain = Chain([], [])
     for n in range(links):
         target = workdir / ("full.qcow2" if n == 0 else f"inc{n}.qcow2")
@@ -103,7 +103,7 @@ def make_chain(
         chain.links.append(target)
         chain.images.append(bytes(image))
     ok("unmount", mountpoint)
-    wait_until(lambda: pid_gone(pid), WAIT_S, "the source's daemon to exit")
+    wait_until(lambda: pid_gone(m.pid), WAIT_S, "the source's daemon to exit")
     assert info(chain.top)[0] == 0, info(chain.top)
     return chain
 
@@ -135,32 +135,20 @@ def flip_bit(path: Path, offset: int, bit: int = 3) -> None:
 # -- the live restore --------------------------------------------------------------------------
 
 
-@dataclass
-class LiveRestore:
-    """A `cowfs restore TARGET DEST --live MOUNTPOINT` daemon."""
+STOP_LIVE_RESTORE = ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0))
+"""SIGTERM first: the daemon stops its copier and unmounts at once (DEST stays
+resumable); `cowfs unmount` would wait for the whole copy."""
 
-    target: Path
-    dest: Path
-    mountpoint: Path
-    pid: int
-    stdout: str = ""
-    commands: list[subprocess.Popen] = field(default_factory=list)
-    """Commands started in the background, killed in teardown if still running."""
 
-    @property
-    def live(self) -> Path:
-        return self.mountpoint / self.dest.name
+class LiveRestore(Mounted):
+    """A `cowfs restore TARGET DEST --live MOUNTPOINT` daemon, serving DEST's name."""
 
-    def status(self) -> dict:
-        """`cowfs status MOUNTPOINT --json`, as a user runs it."""
-        return json.loads(ok("status", self.mountpoint, "--json").stdout)
-
-    def poll(self) -> dict:
-        """The same status, asked in-process: cheap enough to poll."""
-        return read_status(self.mountpoint)
-
-    def is_mounted(self) -> bool:
-        return str(self.mountpoint) in cowfs_mounts()
+    def __init__(self, target: Path, dest: Path, mountpoint: Path, pid: int, stdout: str) -> None:
+        super().__init__(dest, mountpoint, target, stop=STOP_LIVE_RESTORE, pid=pid)
+        self.dest = dest
+        self.stdout = stdout
+        self.commands: list[subprocess.Popen] = []
+        """Commands started in the background, killed in teardown if still running."""
 
     def wait_state(self, *states: str, timeout: float = WAIT_S) -> dict:
         seen: list[dict] = []
@@ -176,15 +164,9 @@ class LiveRestore:
         """`cowfs unmount`, retried while the daemon has not yet seen the last RELEASE of
         the live file (the kernel sends it after close() returns). Then the daemon is
         gone and so is the mount."""
-        results: list[subprocess.CompletedProcess] = []
-
-        def answered() -> bool:
-            results.append(run_cowfs("unmount", self.mountpoint))
-            r = results[-1]
-            return not (r.returncode == 2 and "is open" in r.stderr)
-
-        wait_until(answered, 10, "the daemon to see the live file closed")
-        result = results[-1]
+        result = unmount_released(
+            self.mountpoint, lambda r: r.returncode == 2 and "is open" in r.stderr
+        )
         assert "Traceback" not in result.stderr, result.stderr
         self.assert_gone()
         return result
@@ -232,9 +214,9 @@ class LiveRestore:
 
 
 class LiveRestores:
-    """The live restores of one test; `teardown` ends every one, even after a failure:
-    SIGTERM (the daemon stops its copier and unmounts at once; DEST stays resumable),
-    then SIGKILL, then a lazy unmount of whatever is left."""
+    """The live restores of one test; `teardown` ends every one, even after a failure
+    (`STOP_LIVE_RESTORE`, then a lazy unmount of whatever is left), those whose pid no
+    status told found by their command line."""
 
     def __init__(self) -> None:
         self.started: list[LiveRestore] = []
@@ -253,11 +235,11 @@ class LiveRestores:
         the command never said)."""
         self.mountpoints.add(mountpoint)
         result = run_cowfs("restore", target, dest, "--live", mountpoint, *options, timeout=timeout)
-        if result.returncode == 0 or str(mountpoint) in cowfs_mounts():
-            st = run_cowfs("status", mountpoint, "--json")
-            if st.returncode == 0 and json.loads(st.stdout).get("restore"):
-                pid = int(json.loads(st.stdout)["pid"])
-                if all(r.pid != pid for r in self.started):
+        if result.returncode == 0 or is_mounted(mountpoint):
+            with contextlib.suppress(CowfsError):
+                st = read_status(mountpoint)
+                pid = int(st["pid"])
+                if st.get("restore") and all(r.pid != pid for r in self.started):
                     self.started.append(LiveRestore(target, dest, mountpoint, pid, result.stdout))
         return result
 
@@ -281,21 +263,12 @@ class LiveRestores:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=TIMEOUT)
-        pids = {r.pid for r in self.started}
+        left = []
         for mountpoint in self.mountpoints:
+            pids = {r.pid for r in self.started if r.mountpoint == mountpoint}
             pids.update(daemon_pids(mountpoint, b"restore"))
-        for pid in pids:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                if pid_gone(pid):
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                with contextlib.suppress(TimeoutError):
-                    wait_until(lambda pid=pid: pid_gone(pid), 3, f"pid {pid} to exit")
-        for mountpoint in self.mountpoints:
-            if str(mountpoint) in cowfs_mounts():
-                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-        left = sorted(pid for pid in pids if not pid_gone(pid))
+            take_down(mountpoint, pids, STOP_LIVE_RESTORE)
+            left += sorted(pid for pid in pids if not pid_gone(pid))
         assert not left, f"live restore daemons survived SIGKILL: {left}"
 
 

@@ -1,14 +1,13 @@
-"""Views through real mounts: long-lived mounts torn down with the test's other daemons,
-concurrent writers on a live file that log what they are about to touch, and readers
-of a view (shuffled, buffered and O_DIRECT) that compare it with a point-in-time copy.
+"""Views through real mounts: the CLI's answers about them, concurrent writers on a live
+file that log what they are about to touch, and readers of a view (shuffled, buffered
+and O_DIRECT) that compare it with a point-in-time copy.
 
-The mounts are registered with the `cowfs` fixture's runner, so the `small_fs` and
-`faulty` fixtures stop them before their filesystems go (conftest.py explains why).
+The long-lived mounts these run on are the `cowfs` runner's (`serve`, helpers/mounting.py),
+so the `small_fs` and `faulty` fixtures stop them before their filesystems go.
 """
 
 import contextlib
 import errno
-import json
 import mmap
 import os
 import random
@@ -17,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from conftest import TIMEOUT, CowfsRunner, Mounted, cowfs_mounts, pid_gone, run_cowfs
+from helpers.mounting import TIMEOUT, ok, status
 
 KiB, MiB = 1 << 10, 1 << 20
 PAGE = 4 * KiB
@@ -25,22 +24,9 @@ PAGE = 4 * KiB
 MAX_WRITE = MiB
 WAIT_S = 30.0
 """How long a writer or reader may take for progress the test waits on."""
-FINAL = ("complete", "failed", "cancelled")
 
 
 # -- the CLI -------------------------------------------------------------------------------
-
-
-def ok(*args: str | os.PathLike) -> subprocess.CompletedProcess:
-    """A cowfs command that must succeed (exit 0, no traceback)."""
-    result = run_cowfs(*args)
-    assert result.returncode == 0, (args, result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
-
-
-def status(mountpoint: Path) -> dict:
-    return json.loads(ok("status", mountpoint, "--json").stdout)
 
 
 def jobs_of(mountpoint: Path, job: int) -> dict[str, dict]:
@@ -68,45 +54,6 @@ def assert_refused(result: subprocess.CompletedProcess, what: str = "") -> str:
     assert len(lines) == 1 and lines[0].startswith("cowfs: error: "), (what, result.stderr)
     assert result.stdout.strip() == "", (what, result.stdout)
     return lines[0]
-
-
-# -- long-lived mounts -----------------------------------------------------------------------
-
-
-class LiveMounts:
-    """`cowfs mount IMAGES... MOUNTPOINT` without a target, for one test. Teardown cancels
-    the jobs still running (a paced copier would otherwise copy on after the unmount),
-    then leaves the unmount, the wait and the kill to the `cowfs` runner."""
-
-    def __init__(self, runner: CowfsRunner) -> None:
-        self.runner = runner
-        self.mounted: list[Mounted] = []
-
-    def start(self, mountpoint: Path, *images: Path) -> Mounted:
-        mountpoint.mkdir(exist_ok=True)
-        try:
-            ok("mount", *images, mountpoint)
-            pid = int(status(mountpoint)["pid"])
-        except BaseException:
-            if str(mountpoint) in cowfs_mounts():
-                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-            raise
-        # `target` is only a name here: a mount without --target has none of its own.
-        m = Mounted(images[0], mountpoint, mountpoint, pid)
-        self.runner.started.append(m)
-        self.mounted.append(m)
-        return m
-
-    def teardown(self) -> None:
-        for m in self.mounted:
-            if pid_gone(m.pid):
-                continue
-            st = run_cowfs("status", m.mountpoint, "--json")
-            if st.returncode:
-                continue
-            jobs = json.loads(st.stdout)["jobs"]
-            for job in sorted({j["id"] for j in jobs if j["state"] not in FINAL}):
-                run_cowfs("cancel", m.mountpoint, str(job))
 
 
 # -- writers ---------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, wait_until
+
+from helpers.mounting import TIMEOUT, wait_until
 
 ROOT = next(d for d in Path(__file__).resolve().parents if (d / "pyproject.toml").is_file())
 GUEST_KERNEL = ROOT / ".venv" / "guest-kernel"
@@ -200,18 +201,3 @@ class Guest:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(TIMEOUT)
-
-
-def daemon_pids(mountpoint: Path, command: bytes = b"mount") -> list[int]:
-    """Processes of `cowfs COMMAND ... MOUNTPOINT` (when `status` never told the pid)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"cowfs" in args and command in args and os.fsencode(mountpoint) in args:
-            pids.append(int(entry))
-    return pids

@@ -8,10 +8,8 @@ untouched, no mount left behind and the mountpoint as it was.
 """
 
 import hashlib
-import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -20,16 +18,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from conftest import files_equal, make_image
+from helpers.mounting import (
     COWFS,
+    STOP_TEST,
     TIMEOUT,
     CowfsRunner,
-    cowfs_mounts,
-    files_equal,
-    make_image,
-    pid_gone,
+    is_mounted,
     run_cowfs,
-    wait_until,
+    serving_pids,
+    take_down,
 )
 
 SIZE = 1 << 20
@@ -78,16 +76,8 @@ def mounts_under(root: Path) -> set[str]:
 
 def clean_stray_mount(mountpoint: Path) -> None:
     """If a refused request mounted anyway (a bug), take that daemon down."""
-    if str(mountpoint.absolute()) not in cowfs_mounts():
-        return
-    status = run_cowfs("status", mountpoint, "--json")
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-    if status.returncode == 0:
-        pid = json.loads(status.stdout)["pid"]
-        try:
-            wait_until(lambda: pid_gone(pid), 20, "stray daemon exit")
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
+    if is_mounted(mountpoint):
+        take_down(mountpoint, serving_pids(mountpoint), STOP_TEST)
 
 
 def assert_refused(

@@ -15,26 +15,27 @@ record, and no traceback anywhere.
 """
 
 import contextlib
-import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import (
+from conftest import FaultyFS, files_equal, make_image
+from helpers.mounting import (
     COWFS,
     TIMEOUT,
+    UNMOUNT,
     CowfsRunner,
-    FaultyFS,
     Mounted,
-    files_equal,
-    make_image,
+    mounts_at,
+    ok,
     pid_gone,
     run_cowfs,
+    status,
+    take_down,
     wait_until,
 )
 from helpers.mounts import assert_one_error_line, record, write_live
@@ -44,23 +45,16 @@ SLOW = "512K"
 
 
 class Job(Mounted):
-    """A started daemon whose mount is found however odd its mountpoint's name."""
+    """A job's daemon whose pid is read from its record, not asked of `status`: status is
+    what these tests check (and a broken one must not hide the daemon from teardown)."""
 
-    def is_mounted(self) -> bool:
-        return mounts_at(self.mountpoint) > 0
-
-
-def _unescape(field: bytes) -> bytes:
-    """/proc/mounts writes space, tab, newline and backslash in paths as \\ooo."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+    def read_pid(self) -> int:
+        return int(record(self.target)["pid"])
 
 
-def mounts_at(path: Path) -> int:
-    """How many fuse.cowfs mounts /proc/mounts shows at `path` (2 or more: stacked)."""
-    want = os.fsencode(os.path.abspath(path))
-    with open("/proc/mounts", "rb") as f:
-        rows = [line.split(b" ") for line in f]
-    return sum(1 for r in rows if r[2] == b"fuse.cowfs" and _unescape(r[1]) == want)
+STOP_TERM_FIRST = ((signal.SIGTERM, 10.0), (UNMOUNT, 20.0), (signal.SIGKILL, 10.0))
+"""SIGTERM (cancel) before the usual unmount: a daemon that still copies slowly after its
+mount went away would otherwise hold teardown up for 20 s."""
 
 
 def image(path: Path, size: int, seed: int) -> tuple[Path, Path]:
@@ -71,28 +65,9 @@ def image(path: Path, size: int, seed: int) -> tuple[Path, Path]:
     return path, before
 
 
-def ok(*args: str | os.PathLike) -> subprocess.CompletedProcess:
-    """Run a cowfs command that must succeed without a traceback."""
-    result = run_cowfs(*args)
-    assert result.returncode == 0, (args, result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
-
-
-def status(mountpoint: Path) -> dict:
-    return json.loads(ok("status", mountpoint, "--json").stdout)
-
-
 def start(runner: CowfsRunner, source: Path, target: Path, *options: str, mountpoint: Path) -> Job:
-    """`cowfs mount` as a user runs it; the daemon (its pid from the record, so that a
-    broken status cannot hide it) is handed to the fixture's teardown."""
-    mountpoint.mkdir(exist_ok=True)
-    result = run_cowfs("mount", source, mountpoint, "--target", target, *options)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    job = Job(source, mountpoint, target, record(target)["pid"])
-    runner.started.append(job)
-    return job
+    """`cowfs mount` as a user runs it; the daemon is handed to the fixture's teardown."""
+    return runner.add(Job(source, mountpoint, target, options, stop=runner.stop)).start()
 
 
 def unmount(job: Job) -> None:
@@ -110,16 +85,10 @@ def finish_complete(job: Job, before: Path) -> None:
 
 
 @pytest.fixture
-def runner(cowfs: CowfsRunner) -> Iterator[CowfsRunner]:
-    """`cowfs`, whose teardown first cancels daemons still alive (SIGTERM): one that
-    still copies slowly after its mount went away would hold teardown up for 20 s."""
-    yield cowfs
-    alive = [job for job in cowfs.started if not pid_gone(job.pid)]
-    for job in alive:
-        os.kill(job.pid, signal.SIGTERM)
-    for job in alive:  # conftest's teardown kills what is left, and unmounts
-        with contextlib.suppress(TimeoutError):
-            job.wait_exit(10)
+def runner(cowfs: CowfsRunner) -> CowfsRunner:
+    """`cowfs`, whose teardown ends daemons with SIGTERM first (`STOP_TERM_FIRST`)."""
+    cowfs.stop = STOP_TERM_FIRST
+    return cowfs
 
 
 # -- 5: a truncating open through the mount truncates --------------------------------------
@@ -232,18 +201,9 @@ def race(tmp_path: Path, pairs: list[tuple[Path, Path]], tag: str) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait(TIMEOUT)
-        for mnt in mnts:
-            for _ in range(4):  # stacked mounts come off one at a time
-                if mounts_at(mnt):
-                    subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-        pids = [
-            record(t)["pid"] for tgts in targets for t in tgts if Path(f"{t}.cowfs.json").exists()
-        ]
-        for pid in pids:
-            try:
-                wait_until(lambda pid=pid: pid_gone(pid), 10, f"daemon {pid} to exit")
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
+        for mnt, tgts in zip(mnts, targets, strict=True):
+            pids = [record(t)["pid"] for t in tgts if Path(f"{t}.cowfs.json").exists()]
+            take_down(mnt, pids, ((UNMOUNT, 10.0), (signal.SIGKILL, 10.0)))
 
 
 def test_racing_mounts_on_one_mountpoint(tmp_path: Path) -> None:
@@ -421,11 +381,7 @@ def test_ctrl_c_during_a_slow_start(runner: CowfsRunner, tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait(TIMEOUT)
-        for pid in daemons:
-            if not pid_gone(pid):
-                os.kill(pid, signal.SIGKILL)
-        if mounts_at(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        take_down(mnt, daemons, ((signal.SIGKILL, 10.0),))
     left = set(os.listdir(backups)) - keep
     assert left <= {"t.qcow2.cowfs.log"}, f"left behind: {sorted(left)}"
     assert lingering == ([], 0), "daemons still alive, mounts still there"

@@ -31,7 +31,6 @@ The rule under all of it: after a crash, never a consistent bitmap that misses a
 """
 
 import contextlib
-import json
 import mmap
 import os
 import random
@@ -46,19 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import (
-    FAULTFS,
-    TIMEOUT,
-    CowfsRunner,
-    FaultyFS,
-    Mounted,
-    SmallFS,
-    cowfs_mounts,
-    make_image,
-    pid_gone,
-    run_cowfs,
-    wait_until,
-)
+from conftest import FAULTFS, FaultyFS, SmallFS, make_image
 from helpers.incremental import (
     BITMAP,
     CLUSTER,
@@ -66,6 +53,16 @@ from helpers.incremental import (
     bitmaps,
     bitmaps_file,
     snapshot,
+)
+from helpers.mounting import (
+    COWFS,
+    TIMEOUT,
+    CowfsRunner,
+    Mounted,
+    pid_gone,
+    run_cowfs,
+    unmount_released,
+    wait_until,
 )
 from helpers.mounts import assert_one_error_line, record, write_live
 from helpers.sizes import KiB, MiB
@@ -93,14 +90,7 @@ def intent_file(source: Path) -> Path:
 
 def serve(cowfs: CowfsRunner, source: Path, *options: str) -> Mounted:
     """`cowfs mount SOURCE MP` with no job (the VM's mount); torn down by the fixture."""
-    mnt = cowfs.workdir / "mnt"
-    mnt.mkdir(exist_ok=True)
-    result = run_cowfs("mount", source, mnt, *TRACKING, *options)
-    assert result.returncode == 0, f"mount failed: {result.stderr}"
-    pid = json.loads(run_cowfs("status", mnt, "--json", check=True).stdout)["pid"]
-    m = Mounted(source, mnt, mnt.with_name("no-target"), pid)
-    cowfs.started.append(m)
-    return m
+    return cowfs.serve(cowfs.workdir / "mnt", source, options=(*TRACKING, *options))
 
 
 def tracking(m: Mounted) -> dict:
@@ -162,14 +152,8 @@ def kill9(m: Mounted) -> None:
 
 def unmount(m: Mounted) -> None:
     """`cowfs unmount`, retried while the kernel still delivers the last RELEASE."""
-    results: list[subprocess.CompletedProcess] = []
-
-    def gone() -> bool:
-        results.append(run_cowfs("unmount", m.mountpoint))
-        return results[-1].returncode != 2
-
-    wait_until(gone, 10, "the daemon to see the live file closed")
-    assert results[-1].returncode == 0, results[-1].stderr
+    result = unmount_released(m.mountpoint)
+    assert result.returncode == 0, result.stderr
     wait_until(lambda: pid_gone(m.pid), TIMEOUT, "the daemon to exit")
 
 
@@ -584,8 +568,10 @@ def mount_daemon(cowfs: CowfsRunner, source: Path) -> tuple[subprocess.Popen, Mo
     """`cowfs mount SOURCE MP` started in the background: the command, and its daemon
     (the command's forked child) as soon as it exists."""
     mnt = cowfs.workdir / "mnt"
-    command = [sys.executable, "-m", "cowfs", "mount", str(source), str(mnt), *TRACKING]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    m = cowfs.add(Mounted(source, mnt, options=TRACKING))  # by its command line until its pid
+    proc = subprocess.Popen(
+        [*COWFS, *m.argv()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
 
     found: list[int] = []
@@ -594,7 +580,7 @@ def mount_daemon(cowfs: CowfsRunner, source: Path) -> tuple[subprocess.Popen, Mo
         """The mount is there and the command has a child that is a cowfs process (the
         daemon forks once the mount exists; fusermount3, which libfuse runs before it for
         auto_unmount, has the command's name until it execs)."""
-        if proc.poll() is not None or str(mnt) not in cowfs_mounts():
+        if proc.poll() is not None or not m.is_mounted():
             return False
         for child in children.read_text().split():
             with contextlib.suppress(FileNotFoundError):
@@ -603,8 +589,7 @@ def mount_daemon(cowfs: CowfsRunner, source: Path) -> tuple[subprocess.Popen, Mo
         return bool(found)
 
     wait_until(forked, 20, "the mount's daemon")
-    m = Mounted(source, mnt, mnt.with_name("no-target"), found[0])
-    cowfs.started.append(m)
+    m.pid = found[0]
     return proc, m
 
 
@@ -948,9 +933,7 @@ def test_damaged_bitmap_file_after_a_crash(cowfs: CowfsRunner, tmp_path: Path) -
         assert path.name in result.stderr and "full backup" in result.stderr, result.stderr
     mnt = tmp_path / "mnt"
     result = run_cowfs("mount", source, mnt, *TRACKING)
-    if result.returncode == 0:  # a bug: let teardown take that daemon down
-        pid = json.loads(run_cowfs("status", mnt, "--json").stdout)["pid"]
-        cowfs.started.append(Mounted(source, mnt, mnt.with_name("no-target"), pid))
+    cowfs.adopt(mnt, source)  # a daemon that came up anyway (a bug) goes at teardown
     assert_one_error_line(result)
     assert path.name in result.stderr and "full backup" in result.stderr, result.stderr
     assert not os.listdir(mnt)

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FaultyFS, SmallFS, wait_until
+from conftest import FaultyFS, SmallFS
+from helpers.mounting import wait_until
 
 SIZE = 1 << 20
 

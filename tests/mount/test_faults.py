@@ -24,20 +24,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import (
-    COWFS,
-    TIMEOUT,
-    CowfsRunner,
-    FaultyFS,
-    Mounted,
-    SmallFS,
-    files_equal,
-    make_image,
-    pid_gone,
-    run_cowfs,
-    wait_until,
-)
+from conftest import FaultyFS, SmallFS, files_equal, make_image
 from helpers.faults import BATCH, CLUSTER, FAST, PACED, SIZE
+from helpers.mounting import COWFS, TIMEOUT, CowfsRunner, Mounted, pid_gone, run_cowfs, wait_until
 from helpers.mounts import assert_gone, info, record, write_live
 
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, run_cowfs, wait_until
+from helpers.mounting import TIMEOUT, run_cowfs, wait_until
 
 from cowfs.errors import CowfsError
 from cowfs.imagelock import Role, lock_image

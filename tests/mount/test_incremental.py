@@ -20,16 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import (
-    COWFS,
-    CowfsRunner,
-    Mounted,
-    SmallFS,
-    make_image,
-    pid_gone,
-    run_cowfs,
-    wait_until,
-)
+from conftest import SmallFS, make_image
 from helpers.incremental import (
     BITMAP,
     BUDGET,
@@ -48,6 +39,7 @@ from helpers.incremental import (
     random_writes,
     writes_between,
 )
+from helpers.mounting import COWFS, CowfsRunner, Mounted, pid_gone, run_cowfs, wait_until
 from helpers.mounts import assert_gone, info, record, refused_mount, write_live
 from helpers.qemu import qemu_json
 from helpers.sizes import MiB
@@ -85,18 +77,17 @@ def mount_in_pid_namespace(
     process reuses it (after a reboot, say). Torn down by the `cowfs` fixture."""
     mnt = cowfs.workdir / "mnt"
     mnt.mkdir(exist_ok=True)
-    command = [*COWFS, "mount", str(source), str(mnt), "--target", str(target), *options]
-    proc = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--kill-child", *command, "--foreground"],
+    m = cowfs.add(Mounted(source, mnt, target, options))
+    m.proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", *COWFS, *m.argv(), "--foreground"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    children = Path(f"/proc/{m.proc.pid}/task/{m.proc.pid}/children")
     wait_until(lambda: children.read_text().split() != [], 20, "unshare's child")
-    m = Mounted(source, mnt, target, int(children.read_text().split()[0]), proc)
-    cowfs.started.append(m)
+    m.pid = int(children.read_text().split()[0])
     wait_until(m.is_mounted, 20, "the mount in the pid namespace")
-    wait_until(lambda: run_cowfs("status", mnt).returncode == 0, 20, "the job to start")
+    wait_until(m.answers, 20, "the job to start")
     assert m.status()["pid"] == 1
     return m
 

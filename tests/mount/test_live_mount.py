@@ -39,26 +39,28 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from conftest import files_equal, make_image
+from helpers.mounting import (
+    COWFS,
     TIMEOUT,
-    cowfs_mounts,
-    files_equal,
-    make_image,
+    UNMOUNT,
+    CowfsRunner,
+    is_mounted,
+    ok,
     pid_gone,
     run_cowfs,
+    status,
+    unmount_released,
     wait_until,
 )
 
-COWFS = [sys.executable, "-m", "cowfs"]
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 16 * MiB
 BLOCK = 4 * KiB
@@ -77,107 +79,19 @@ needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="ne
 
 # -- daemons: every mount a test starts is torn down -------------------------------------
 
-
-@dataclass
-class Daemon:
-    mountpoint: Path
-    pid: int | None = None
-
-
-def _is_mounted(mountpoint: Path) -> bool:
-    return str(mountpoint) in cowfs_mounts()
-
-
-def _daemon_pids(mountpoint: Path) -> list[int]:
-    """Processes of a `cowfs mount ... MOUNTPOINT` a test started whose pid `status` never
-    told (a mount that came up although it should not have, or a status that failed)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"cowfs" in args and b"mount" in args and os.fsencode(mountpoint) in args:
-            pids.append(int(entry))
-    return pids
-
-
-class Daemons:
-    """Mounts of one test; teardown unmounts lazily and ends each daemon by its pid."""
-
-    def __init__(self) -> None:
-        self.started: list[Daemon] = []
-
-    def mount(
-        self, mountpoint: Path, *images: str | os.PathLike, options: tuple = ()
-    ) -> subprocess.CompletedProcess:
-        """`cowfs mount IMAGES... MOUNTPOINT OPTIONS...`; the daemon's pid is recorded at once."""
-        mountpoint.mkdir(exist_ok=True)
-        daemon = Daemon(mountpoint)
-        self.started.append(daemon)  # before the command: a mount is torn down whatever it says
-        result = run_cowfs("mount", *images, mountpoint, *options)
-        if result.returncode == 0:
-            st = run_cowfs("status", mountpoint, "--json")
-            if st.returncode == 0:
-                daemon.pid = int(json.loads(st.stdout)["pid"])
-        return result
-
-    def start(self, mountpoint: Path, *images: Path) -> int:
-        """A mount of `images` without a job; returns the daemon's pid."""
-        result = self.mount(mountpoint, *images)
-        assert result.returncode == 0, f"mount failed: {result.stderr}"
-        assert "Traceback" not in result.stderr, result.stderr
-        pid = self.started[-1].pid
-        assert pid is not None, "`cowfs status --json` gave no pid for the new mount"
-        assert _is_mounted(mountpoint)
-        return pid
-
-    def teardown(self) -> None:
-        for daemon in reversed(self.started):
-            mp = daemon.mountpoint
-            pids = [daemon.pid] if daemon.pid is not None else _daemon_pids(mp)
-            if _is_mounted(mp):
-                subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
-            for pid in pids:
-                for sig in (None, signal.SIGTERM, signal.SIGKILL):
-                    if sig is not None:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, sig)
-                    try:
-                        wait_until(lambda pid=pid: pid_gone(pid), 5, f"cowfs pid {pid} to exit")
-                        break
-                    except TimeoutError:
-                        continue
-            if _is_mounted(mp):
-                subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+STOP_LIVE = ((UNMOUNT, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+"""Unmounted, then 5 s for the daemon to exit by itself, then SIGTERM (it cancels what
+still runs), then SIGKILL."""
 
 
 @pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    d = Daemons()
-    try:
-        yield d
-    finally:
-        d.teardown()
+def daemons(cowfs: CowfsRunner) -> CowfsRunner:
+    """The test's mounts (`cowfs`), taken down the `STOP_LIVE` way."""
+    cowfs.stop = STOP_LIVE
+    return cowfs
 
 
 # -- the CLI -------------------------------------------------------------------------------
-
-
-def status(mountpoint: Path) -> dict:
-    result = run_cowfs("status", mountpoint, "--json")
-    assert result.returncode == 0, f"status: {result.stderr}"
-    return json.loads(result.stdout)
-
-
-def ok(*args: str | os.PathLike) -> subprocess.CompletedProcess:
-    result = run_cowfs(*args)
-    assert result.returncode == 0, (args, result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
 
 
 def backup(mountpoint: Path, *args: str | os.PathLike) -> int:
@@ -225,16 +139,9 @@ def unmount_when_released(mountpoint: Path) -> None:
     """`cowfs unmount` after the test closed its live files. The kernel sends FUSE's
     RELEASE asynchronously after close() returns, so the daemon may count a handle for
     a moment longer: retry on exit 2 for a few seconds, then demand success."""
-    results: list[subprocess.CompletedProcess] = []
-
-    def unmounted() -> bool:
-        results.append(run_cowfs("unmount", mountpoint))
-        return results[-1].returncode != 2
-
-    wait_until(unmounted, 10, "the daemon to see the live files closed")
-    result = results[-1]
+    result = unmount_released(mountpoint)
     assert result.returncode == 0, (result.returncode, result.stderr)
-    assert not _is_mounted(mountpoint)
+    assert not is_mounted(mountpoint)
 
 
 def restore(link: Path, out: Path) -> bytes:
@@ -451,7 +358,7 @@ def check_final(source: Path, image: int, initial: bytes, log: list[Write]) -> N
 
 
 @needs_qemu_img
-def test_chain_of_backups_under_two_writers(daemons: Daemons, tmp_path: Path) -> None:
+def test_chain_of_backups_under_two_writers(daemons: CowfsRunner, tmp_path: Path) -> None:
     """A full backup of two images in one command (anchoring `nightly`), then two
     incrementals, each over the previous link, while an O_DIRECT writer and a buffered
     writer keep writing to the two live files through all of it, never unmounted. Every
@@ -463,7 +370,7 @@ def test_chain_of_backups_under_two_writers(daemons: Daemons, tmp_path: Path) ->
     out = tmp_path / "t"
     out.mkdir()
     mp = tmp_path / "mnt"
-    pid = daemons.start(mp, a, b)
+    pid = daemons.serve(mp, a, b).pid
     st = status(mp)
     assert [i["name"] for i in st["images"]] == ["a.img", "b.img"]
     assert st["jobs"] == [] and st["mounted"] is True
@@ -528,7 +435,7 @@ def test_chain_of_backups_under_two_writers(daemons: Daemons, tmp_path: Path) ->
 
 @needs_qemu_img
 def test_grouped_completion_full_target_cancels_the_peer(
-    small_fs: Any, daemons: Daemons, tmp_path: Path
+    small_fs: Any, daemons: CowfsRunner, tmp_path: Path
 ) -> None:
     """Grouped completion (the default): an incremental of two images whose first target
     lies on a full 8 MiB filesystem. That job fails, its peer is cancelled naming it, no
@@ -539,7 +446,7 @@ def test_grouped_completion_full_target_cancels_the_peer(
     out = tmp_path / "t"
     out.mkdir()
     mp = tmp_path / "mnt"
-    daemons.start(mp, a, b)
+    daemons.serve(mp, a, b)
     live_a, live_b = mp / "a.img", mp / "b.img"
 
     before0 = {"a": tmp_path / "a0.img", "b": tmp_path / "b0.img"}
@@ -644,14 +551,14 @@ def test_grouped_completion_full_target_cancels_the_peer(
 
 
 def test_individual_completion_full_target_leaves_the_peer_complete(
-    small_fs: Any, daemons: Daemons, tmp_path: Path
+    small_fs: Any, daemons: CowfsRunner, tmp_path: Path
 ) -> None:
     """--completion individual: the job whose target fills up fails, its peer completes
     on its own; `--wait` still exits 1, since not every target of the job is complete."""
     a = random_image(tmp_path / "a.img", SIZE, seed=6)
     b = make_image(tmp_path / "b.img", SIZE // 2, seed=7, holes=False)
     mp = tmp_path / "mnt"
-    daemons.start(mp, a, b)
+    daemons.serve(mp, a, b)
     ta, tb = small_fs.path / "a.img", tmp_path / "b-backup.img"
     result = run_cowfs(
         *["backup", str(mp), "--completion", "individual", "--wait"],
@@ -664,7 +571,7 @@ def test_individual_completion_full_target_leaves_the_peer_complete(
     assert status(mp)["mounted"] is True
 
 
-def test_cancel_under_writers(daemons: Daemons, tmp_path: Path) -> None:
+def test_cancel_under_writers(daemons: CowfsRunner, tmp_path: Path) -> None:
     """`cowfs cancel MP` ends the running job (both images of it) and nothing else: the
     records say cancelled, the mount keeps serving, a Python O_DIRECT writer and a loop
     of `dd oflag=direct conv=notrunc` never see an error, and the next backup on the
@@ -675,7 +582,7 @@ def test_cancel_under_writers(daemons: Daemons, tmp_path: Path) -> None:
     out = tmp_path / "t"
     out.mkdir()
     mp = tmp_path / "mnt"
-    pid = daemons.start(mp, a, b)
+    pid = daemons.serve(mp, a, b).pid
 
     pattern = tmp_path / "pattern"
     pattern.write_bytes(b"\xd5" * (64 * KiB))
@@ -718,7 +625,7 @@ def test_cancel_under_writers(daemons: Daemons, tmp_path: Path) -> None:
             ok("cancel", mp)
             for target in c1.values():
                 assert wait_ended(target)["status"] == "cancelled"
-            assert status(mp)["mounted"] is True and _is_mounted(mp)
+            assert status(mp)["mounted"] is True and is_mounted(mp)
             writers.wait_for(200)
             dd_more(20)
             assert not writers.errors, writers.errors
@@ -768,7 +675,7 @@ def test_cancel_under_writers(daemons: Daemons, tmp_path: Path) -> None:
     assert b.read_bytes()[: 64 * KiB] == written, "dd's first write is not in the source"
 
 
-def test_backup_bad_input(daemons: Daemons, tmp_path: Path) -> None:
+def test_backup_bad_input(daemons: CowfsRunner, tmp_path: Path) -> None:
     """Each refused `cowfs backup` exits 2 with one line, prints no job id and creates
     nothing: no target, no record, no temporary file; the mount goes on serving and a
     good backup afterwards completes."""
@@ -787,7 +694,7 @@ def test_backup_bad_input(daemons: Daemons, tmp_path: Path) -> None:
     hard = out / "hard.img"
     os.link(b, hard)
     mp = tmp_path / "mnt"
-    daemons.start(mp, a, b)
+    daemons.serve(mp, a, b)
     (stale,) = [
         bm for img in status(mp)["images"] if img["name"] == "b.img" for bm in img["bitmaps"]
     ]
@@ -873,7 +780,7 @@ def test_backup_bad_input(daemons: Daemons, tmp_path: Path) -> None:
 
 
 def test_backup_unknown_image_name_on_a_mount_of_one_image(
-    daemons: Daemons, tmp_path: Path
+    daemons: CowfsRunner, tmp_path: Path
 ) -> None:
     """NAME=PATH is fine on a mount of one image, but only with that image's name: an
     unknown NAME is bad input there too (a typo must not become a target file named
@@ -883,7 +790,7 @@ def test_backup_unknown_image_name_on_a_mount_of_one_image(
     out = tmp_path / "t"
     out.mkdir()
     mp = tmp_path / "mnt"
-    daemons.start(mp, a)
+    daemons.serve(mp, a)
     for option in ("--target", "--backing"):
         args = ["--target", "a.img=ok.qcow2"] if option == "--backing" else []
         result = subprocess.run(
@@ -898,7 +805,7 @@ def test_backup_unknown_image_name_on_a_mount_of_one_image(
     assert status(mp)["jobs"] == []
 
 
-def test_mount_bad_input(daemons: Daemons, tmp_path: Path) -> None:
+def test_mount_bad_input(daemons: CowfsRunner, tmp_path: Path) -> None:
     """`cowfs mount` of several images: the same basename twice, a missing image, or a
     target with several images exits 2 with one line and mounts nothing."""
     (tmp_path / "d1").mkdir()
@@ -917,9 +824,11 @@ def test_mount_bad_input(daemons: Daemons, tmp_path: Path) -> None:
         mp = tmp_path / f"mnt{n}"
         before = {d: sorted(os.listdir(tmp_path / d)) for d in ("d1", "d2")}
         options = ("--target", target) if "target" in what else ()
-        result = daemons.mount(mp, *images, options=options)
+        mp.mkdir()
+        result = run_cowfs("mount", *images, mp, *options)
+        daemons.adopt(mp, images[0])  # a daemon that came up anyway goes at teardown
         assert_refused(result, what)
-        assert not _is_mounted(mp), what
+        assert not is_mounted(mp), what
         assert os.listdir(mp) == [], what
         assert not target.exists() and not (tmp_path / "target.img.cowfs.json").exists(), what
         assert {d: sorted(os.listdir(tmp_path / d)) for d in ("d1", "d2")} == before, what
@@ -934,18 +843,18 @@ def test_unmount_bad_input(tmp_path: Path) -> None:
 
 
 def test_unmount_refuses_while_a_job_runs_or_a_file_is_open(
-    daemons: Daemons, tmp_path: Path
+    daemons: CowfsRunner, tmp_path: Path
 ) -> None:
     """`cowfs unmount` exits 2 and leaves the mount and its job alone while a job runs or
     a live file is open; once neither holds, it unmounts and the daemon exits."""
     a = make_image(tmp_path / "a.img", SIZE, seed=17)
     mp = tmp_path / "mnt"
-    pid = daemons.start(mp, a)
+    pid = daemons.serve(mp, a).pid
     target = tmp_path / "u.img"
     job = backup(mp, "--speed", SLOW, "--target", target)  # bare PATH: one image
 
     assert_refused(run_cowfs("unmount", mp), "a job runs")
-    assert _is_mounted(mp) and not pid_gone(pid)
+    assert is_mounted(mp) and not pid_gone(pid)
     assert [j["state"] for j in status(mp)["jobs"] if j["id"] == job] == ["running"]
 
     ok("cancel", mp)
@@ -953,7 +862,7 @@ def test_unmount_refuses_while_a_job_runs_or_a_file_is_open(
     fd = os.open(mp / "a.img", os.O_RDONLY)
     try:
         assert_refused(run_cowfs("unmount", mp), "a live file is open")
-        assert _is_mounted(mp) and not pid_gone(pid)
+        assert is_mounted(mp) and not pid_gone(pid)
         assert len(os.pread(fd, 4096, 0)) == 4096, "the live file must keep working"
     finally:
         os.close(fd)
@@ -961,33 +870,33 @@ def test_unmount_refuses_while_a_job_runs_or_a_file_is_open(
     wait_until(lambda: pid_gone(pid), JOB_END_S, "the daemon to exit after unmount")
 
 
-def test_unmount_without_job_and_after_a_complete_one(daemons: Daemons, tmp_path: Path) -> None:
+def test_unmount_without_job_and_after_a_complete_one(daemons: CowfsRunner, tmp_path: Path) -> None:
     """Nothing holds the mount: `cowfs unmount` succeeds at once, also right after a job
     completed on it (nothing of the test ever opened a live file here)."""
     a = make_image(tmp_path / "a.img", SIZE // 2, seed=18)
     b = make_image(tmp_path / "b.img", SIZE // 2, seed=19)
     mp = tmp_path / "mnt"
-    pid = daemons.start(mp, a, b)
+    pid = daemons.serve(mp, a, b).pid
     ok("unmount", mp)
-    assert not _is_mounted(mp)
+    assert not is_mounted(mp)
     wait_until(lambda: pid_gone(pid), JOB_END_S, "the daemon to exit after unmount")
 
-    pid = daemons.start(mp, a)
+    pid = daemons.serve(mp, a).pid
     target = tmp_path / "done.img"
     backup(mp, "--wait", "--target", f"a.img={target}")  # NAME=PATH on a mount of one image
     assert record(target)["status"] == "complete"
     ok("unmount", mp)
-    assert not _is_mounted(mp)
+    assert not is_mounted(mp)
     wait_until(lambda: pid_gone(pid), JOB_END_S, "the daemon to exit after unmount")
     assert files_equal(target, a)
 
 
-def test_finish_lets_the_running_job_finish(daemons: Daemons, tmp_path: Path) -> None:
+def test_finish_lets_the_running_job_finish(daemons: CowfsRunner, tmp_path: Path) -> None:
     """`cowfs finish` unmounts a mount whose job still runs and waits for the job: the
     job stays reachable by its mountpoint (set-speed) until it is complete."""
     a = make_image(tmp_path / "a.img", SIZE, seed=20)
     mp = tmp_path / "mnt"
-    pid = daemons.start(mp, a)
+    pid = daemons.serve(mp, a).pid
     target = tmp_path / "f.img"
     backup(mp, "--speed", SLOW, "--target", target)
     proc = subprocess.Popen(
@@ -997,7 +906,7 @@ def test_finish_lets_the_running_job_finish(daemons: Daemons, tmp_path: Path) ->
         text=True,
     )
     try:
-        wait_until(lambda: not _is_mounted(mp), JOB_END_S, "finish to unmount")
+        wait_until(lambda: not is_mounted(mp), JOB_END_S, "finish to unmount")
         assert record(target)["status"] == "running"
         ok("set-speed", mp, "0")
         stdout, stderr = proc.communicate(timeout=JOB_END_S)
@@ -1012,14 +921,16 @@ def test_finish_lets_the_running_job_finish(daemons: Daemons, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
-def test_signals_end_the_mount(daemons: Daemons, tmp_path: Path, signum: signal.Signals) -> None:
+def test_signals_end_the_mount(
+    daemons: CowfsRunner, tmp_path: Path, signum: signal.Signals
+) -> None:
     """SIGTERM cancels the running jobs, unmounts and exits (records cancelled, bitmaps
     kept consistent); kill -9 leaves the running job's record incomplete, and the bitmaps
     are recovered from the dead mount's write-intent record: consistent, marked as
     recovered, and the next incremental over the full restores the source exactly."""
     a = make_image(tmp_path / "a.img", SIZE, seed=21)
     mp = tmp_path / "mnt"
-    pid = daemons.start(mp, a)
+    pid = daemons.serve(mp, a).pid
     full = tmp_path / "full.qcow2"
     backup(mp, "--wait", "--bitmap", "nightly", "--target", full)
     write_through(mp / "a.img", [(i * 65536, b"w" * 65536) for i in range(0, 128, 2)])
@@ -1028,7 +939,7 @@ def test_signals_end_the_mount(daemons: Daemons, tmp_path: Path, signum: signal.
            "--backing", full, "--target", running)  # fmt: skip
     os.kill(pid, signum)
     wait_until(lambda: pid_gone(pid), JOB_END_S, "the daemon to exit")
-    wait_until(lambda: not _is_mounted(mp), JOB_END_S, "the mount to go away")
+    wait_until(lambda: not is_mounted(mp), JOB_END_S, "the mount to go away")
     listed = json.loads(ok("bitmap", "list", a, "--json").stdout)
     if signum == signal.SIGTERM:
         assert record(running)["status"] == "cancelled"
@@ -1043,23 +954,20 @@ def test_signals_end_the_mount(daemons: Daemons, tmp_path: Path, signum: signal.
     expected = tmp_path / "expected.img"  # the source is quiet: the next point in time
     shutil.copyfile(a, expected)
     retry = tmp_path / "retry.qcow2"
-    result = daemons.mount(
-        tmp_path / "mnt2", a, options=("--target", retry, "--sync", "incremental",
-                                       "--bitmap", "nightly", "--backing", full),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    options = ("--sync", "incremental", "--bitmap", "nightly", "--backing", str(full))
+    daemons.mount(a, retry, *options, mountpoint=tmp_path / "mnt2")
     ok("finish", tmp_path / "mnt2")
     assert record(retry)["status"] == "complete"
     qemu_img_check(retry)
     assert restore(retry, tmp_path / "restored.img") == expected.read_bytes()
 
 
-def test_bitmap_commands_reach_the_mount(daemons: Daemons, tmp_path: Path) -> None:
+def test_bitmap_commands_reach_the_mount(daemons: CowfsRunner, tmp_path: Path) -> None:
     """`cowfs bitmap` on a mounted image acts through its daemon: a bitmap added while
     mounted records the writes after it; one a running job uses cannot be cleared."""
     a = make_image(tmp_path / "a.img", SIZE, seed=22)
     mp = tmp_path / "mnt"
-    daemons.start(mp, a)
+    daemons.serve(mp, a)
     ok("bitmap", "add", a, "late")
     write_through(mp / "a.img", [(3 * 65536, b"x" * 100)])
     listed = {b["name"]: b for b in json.loads(ok("bitmap", "list", a, "--json").stdout)}

@@ -45,15 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
-    CowfsRunner,
-    FaultyFS,
-    cowfs_mounts,
-    make_image,
-    pid_gone,
-    run_cowfs,
-    wait_until,
-)
+from conftest import FaultyFS, make_image
 from helpers.live_restore import (
     CLUSTER,
     WAIT_S,
@@ -72,9 +64,10 @@ from helpers.live_restore import (
     pread_all,
     read_map,
 )
+from helpers.mounting import CowfsRunner, cowfs_mounts, ok, pid_gone, run_cowfs, wait_until
 from helpers.mounts import info, record, tree
 from helpers.sizes import MiB
-from helpers.views import PAGE, assert_refused, ok, read_direct
+from helpers.views import PAGE, assert_refused, read_direct
 from helpers.vm import BOOT_S, GUEST_PRELUDE, Guest, GuestFiles, build_guest
 
 SIZE = 64 * MiB

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import Mounted, files_equal, make_image, run_cowfs
+from conftest import files_equal, make_image
+from helpers.mounting import Mounted, run_cowfs
 
 KiB, MiB = 1 << 10, 1 << 20
 WRITERS = 4

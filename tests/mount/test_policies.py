@@ -22,17 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
-    CowfsRunner,
-    FaultyFS,
-    Mounted,
-    SmallFS,
-    files_equal,
-    make_image,
-    run_cowfs,
-    wait_until,
-)
+from conftest import FaultyFS, SmallFS, files_equal, make_image
 from helpers.faults import BATCH, CLUSTER, FAST, PACED, SIZE
+from helpers.mounting import CowfsRunner, Mounted, run_cowfs, wait_until
 from helpers.mounts import assert_gone, info, record, write_live
 
 LAST = SIZE - 2 * CLUSTER

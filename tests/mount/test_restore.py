@@ -36,21 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
-    COWFS,
-    TIMEOUT,
-    CowfsRunner,
-    Mounted,
-    files_equal,
-    make_image,
-    pid_gone,
-    run_cowfs,
-    wait_until,
-)
+from conftest import files_equal, make_image
+from helpers.mounting import COWFS, TIMEOUT, CowfsRunner, Mounted, pid_gone, run_cowfs, wait_until
 from helpers.mounts import assert_one_error_line, info, record, refused_mount
 from helpers.qemu import assert_identical, check_clean, qemu_img, qemu_json
 from helpers.sizes import KiB, MiB
-from helpers.views import LiveMounts, Writers, allocated
+from helpers.views import Writers, allocated
 
 from cowfs.record import record_path
 from cowfs.restore import MAP_HEADER, map_path
@@ -225,7 +216,7 @@ SCENARIOS = {  # target, options, source, seed, size
         "compressed",
     ],
 )
-def test_restore_is_the_point_in_time(mounts: LiveMounts, tmp_path: Path, scenario: str) -> None:
+def test_restore_is_the_point_in_time(cowfs: CowfsRunner, tmp_path: Path, scenario: str) -> None:
     """One backup under writers; verify passes; raw and qcow2 restores are the PIT copy.
     Then one flipped bit in a data cluster of the backup is found, with its offset."""
     name, options, kind, seed, size = SCENARIOS[scenario]
@@ -234,7 +225,7 @@ def test_restore_is_the_point_in_time(mounts: LiveMounts, tmp_path: Path, scenar
         compressible_image(source, size, seed)
     else:
         make_image(source, size, seed, holes=kind == "sparse")
-    m = mounts.start(tmp_path / "mnt", source)
+    m = cowfs.serve(tmp_path / "mnt", source)
     with writers_on(m, seed) as writers:
         link = backup_under_writers(m, writers, tmp_path / name, *options)
     if kind == "compressible":
@@ -278,10 +269,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     workdir = tmp_path_factory.mktemp("chain")
     source = make_image(workdir / "disk.img", SIZE, seed=11, holes=True)
     runner = CowfsRunner(workdir)
-    mounts = LiveMounts(runner)
     links: list[Link] = []
     try:
-        m = mounts.start(workdir / "mnt", source)
+        m = runner.serve(workdir / "mnt", source)
         with writers_on(m, seed=12) as writers:
             for n, name in enumerate(("full.qcow2", "inc1.qcow2", "inc2.qcow2")):
                 if n == 0:
@@ -294,7 +284,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
                 target = workdir / name
                 links.append(backup_under_writers(m, writers, target, *options, speed=speed))
     finally:
-        mounts.teardown()
         runner.teardown()
     assert not m.is_mounted() and pid_gone(m.pid)
     yield Chain(links)

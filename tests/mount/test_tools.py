@@ -18,7 +18,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CowfsRunner, Mounted, files_equal, make_image, run_cowfs
+from conftest import files_equal, make_image
+from helpers.mounting import CowfsRunner, Mounted, run_cowfs
 
 SIZE = 8 << 20
 SPEED = "4M"

@@ -25,7 +25,7 @@ from pathlib import Path
 from subprocess import PIPE
 
 import pytest
-from conftest import TIMEOUT, CowfsRunner, Mounted, cowfs_mounts, files_equal, make_image, run_cowfs
+from conftest import files_equal, make_image
 from helpers.incremental import (
     BITMAP,
     CLUSTER,
@@ -37,6 +37,7 @@ from helpers.incremental import (
     incremental_options,
     snapshot,
 )
+from helpers.mounting import TIMEOUT, CowfsRunner, cowfs_mounts, run_cowfs
 from helpers.mounts import (
     assert_gone,
     assert_one_error_line,
@@ -86,18 +87,6 @@ def live_session(cowfs: CowfsRunner, source: Path, name: str, act: Callable[[Pat
     done = m.finish()
     assert done.returncode == 0 and done.stdout.startswith("complete"), done.stdout + done.stderr
     assert_gone(m)
-
-
-def adopt(cowfs: CowfsRunner, source: Path, mnt: Path, target: Path) -> None:
-    """A daemon serving `mnt` (if any) goes to the fixture's teardown; one that cannot
-    tell its pid is unmounted at once (it then ends by itself)."""
-    if str(mnt) not in cowfs_mounts():
-        return
-    status = run_cowfs("status", mnt, "--json")
-    if status.returncode:
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-    else:
-        cowfs.started.append(Mounted(source, mnt, target, json.loads(status.stdout)["pid"]))
 
 
 GATED_CLI = """
@@ -204,7 +193,7 @@ def mount_together(cowfs: CowfsRunner, area: RaceArea, jobs: list, *options: str
         results = run_together(commands)
     finally:
         for source, mnt, *_ in jobs:
-            adopt(cowfs, source, mnt, area.target)
+            cowfs.adopt(mnt, source, area.target)
     return [(s, m, r) for r, (s, m, *_) in zip(results, jobs, strict=True)]
 
 

@@ -31,12 +31,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, files_equal, make_image, run_cowfs, wait_until
+from conftest import files_equal, make_image
+from helpers.mounting import TIMEOUT, CowfsRunner, ok, run_cowfs, status, wait_until
 from helpers.qemu import assert_identical, check_clean, qemu_img
 from helpers.views import (
     PAGE,
     KiB,
-    LiveMounts,
     MiB,
     Writers,
     allocated,
@@ -45,11 +45,9 @@ from helpers.views import (
     clusters,
     differences,
     jobs_of,
-    ok,
     read_direct,
     read_errno,
     read_view,
-    status,
 )
 
 SIZE = 32 * MiB
@@ -127,7 +125,7 @@ CASES = [
 
 @pytest.mark.parametrize(("mode", "seed"), CASES, ids=[f"{m}-{s}" for m, s in CASES])
 def test_view_is_the_point_in_time_under_writers(
-    mounts: LiveMounts, tmp_path: Path, mode: str, seed: int
+    cowfs: CowfsRunner, tmp_path: Path, mode: str, seed: int
 ) -> None:
     """A reader hashes the whole view in shuffled pieces, buffered and O_DIRECT, while an
     O_DIRECT writer and two buffered writers (1 B to 1 MiB, overlapping, half of them
@@ -142,7 +140,7 @@ def test_view_is_the_point_in_time_under_writers(
     where = f"seed {seed}, {mode}, cluster {cluster or 'default'}, size {size}"
     src = make_image(tmp_path / "vda.img", size, seed)
     mp = tmp_path / "mnt"
-    m = mounts.start(mp, src)
+    m = cowfs.serve(mp, src)
     assert os.listdir(mp) == ["vda.img"], where
 
     args: list[str] = ["--sync", mode]
@@ -299,7 +297,7 @@ def check_fleecing_store(
 @needs_qemu_img
 @pytest.mark.skipif(shutil.which("tar") is None, reason="needs tar")
 @pytest.mark.parametrize("mode", ["none", "full-copied"])
-def test_tools_read_a_view(mounts: LiveMounts, tmp_path: Path, mode: str) -> None:
+def test_tools_read_a_view(cowfs: CowfsRunner, tmp_path: Path, mode: str) -> None:
     """While writers overwrite the live file, `qemu-img convert -O raw` of a view and
     `tar` of it into a directory (and out again) both give the PIT image; tar finds
     the file unchanged while it read it, and keeps its mtime: the point in time. `none`:
@@ -308,7 +306,7 @@ def test_tools_read_a_view(mounts: LiveMounts, tmp_path: Path, mode: str) -> Non
     seed = 21 if mode == "none" else 22
     src = make_image(tmp_path / "disk.img", SIZE, seed)
     mp = tmp_path / "mnt"
-    m = mounts.start(mp, src)
+    m = cowfs.serve(mp, src)
     pit = pit_copy(src, tmp_path / "pit.img")
     if mode == "none":
         target = tmp_path / "store.img"
@@ -426,7 +424,7 @@ class Pacer:
         return self.picked == len(writers.intended) and (self.allowed == 0 or not self.blocks)
 
 
-def test_release_behind_a_sequential_reader(mounts: LiveMounts, tmp_path: Path) -> None:
+def test_release_behind_a_sequential_reader(cowfs: CowfsRunner, tmp_path: Path) -> None:
     """A --sync none view into a raw store, read sequentially, each piece released once
     read, while a writer overwrites the whole image: the store's allocated size never
     exceeds the overwritten, unreleased clusters plus a little, so it ends almost
@@ -439,7 +437,7 @@ def test_release_behind_a_sequential_reader(mounts: LiveMounts, tmp_path: Path) 
     src = tmp_path / "vda.img"
     src.write_bytes(rng.randbytes(size))  # every cluster data: every overwrite copies
     mp = tmp_path / "mnt"
-    m = mounts.start(mp, src)
+    m = cowfs.serve(mp, src)
     pit = pit_copy(src, tmp_path / "pit.img")
     store = tmp_path / "store.img"
     job, (view,) = backup_view(mp, "--target", store, "--sync", "none")
@@ -493,7 +491,7 @@ def test_release_behind_a_sequential_reader(mounts: LiveMounts, tmp_path: Path) 
     assert_view_gone(mp, job, view)
 
 
-def test_release_frees_whole_clusters_only(mounts: LiveMounts, tmp_path: Path) -> None:
+def test_release_frees_whole_clusters_only(cowfs: CowfsRunner, tmp_path: Path) -> None:
     """A release frees the whole clusters inside its range: partial ones at its ends
     stay readable (and still protected: an overwrite there is copied); from the last
     cluster on, the range may run past the end. Releasing twice is harmless."""
@@ -502,7 +500,7 @@ def test_release_frees_whole_clusters_only(mounts: LiveMounts, tmp_path: Path) -
     src = tmp_path / "vda.img"
     src.write_bytes(random.Random(41).randbytes(size))
     mp = tmp_path / "mnt"
-    m = mounts.start(mp, src)
+    m = cowfs.serve(mp, src)
     pit = pit_copy(src, tmp_path / "pit.img")
     store = tmp_path / "store.img"
     job, (view,) = backup_view(mp, "--target", store, "--sync", "none")
@@ -534,13 +532,13 @@ def test_release_frees_whole_clusters_only(mounts: LiveMounts, tmp_path: Path) -
     assert ended.stdout.splitlines()[0] == FLEECING_TAIL, ended.stdout
 
 
-def test_released_range_read_before_fails_again(mounts: LiveMounts, tmp_path: Path) -> None:
+def test_released_range_read_before_fails_again(cowfs: CowfsRunner, tmp_path: Path) -> None:
     """A range the reader read, then released, fails with EIO when read again the
     ordinary way (buffered, a fresh open), not only with O_DIRECT."""
     src = tmp_path / "vda.img"
     src.write_bytes(random.Random(51).randbytes(4 * MiB))
     mp = tmp_path / "mnt"
-    mounts.start(mp, src)
+    cowfs.serve(mp, src)
     job, (view,) = backup_view(mp, "--target", tmp_path / "store.img", "--sync", "none")
     with open(view, "rb") as f:
         assert f.read(MiB) == src.read_bytes()[:MiB]
@@ -557,7 +555,7 @@ def test_released_range_read_before_fails_again(mounts: LiveMounts, tmp_path: Pa
 
 @pytest.mark.parametrize("cause", ["full-store", "cbw-timeout"])
 def test_failed_job_fails_its_view_not_the_guest(
-    request: pytest.FixtureRequest, mounts: LiveMounts, tmp_path: Path, cause: str
+    request: pytest.FixtureRequest, cowfs: CowfsRunner, tmp_path: Path, cause: str
 ) -> None:
     """The job fails under writers — its fleecing store on an 8 MiB tmpfs fills up (the
     default break-snapshot policy), or a copy-before-write to a slow store outlasts
@@ -569,7 +567,7 @@ def test_failed_job_fails_its_view_not_the_guest(
     src = tmp_path / "vda.img"
     src.write_bytes(random.Random(seed).randbytes(size))
     mp = tmp_path / "mnt"
-    m = mounts.start(mp, src)
+    m = cowfs.serve(mp, src)
     pit = pit_copy(src, tmp_path / "pit.img")
     args = ["--sync", "none"]
     if cause == "full-store":
@@ -622,12 +620,12 @@ def test_failed_job_fails_its_view_not_the_guest(
     assert_errors_eio(errors, f"the view of the failed job ({cause})")
 
 
-def test_view_is_read_only(mounts: LiveMounts, tmp_path: Path) -> None:
+def test_view_is_read_only(cowfs: CowfsRunner, tmp_path: Path) -> None:
     """Opening a view for writing or truncating, truncate, chmod, chown and utime all
     fail with EROFS and change nothing."""
     src = make_image(tmp_path / "vda.img", 4 * MiB, seed=71)
     mp = tmp_path / "mnt"
-    mounts.start(mp, src)
+    cowfs.serve(mp, src)
     pit = pit_copy(src, tmp_path / "pit.img")
     job, (view,) = backup_view(mp, "--target", tmp_path / "store.img", "--sync", "none")
     before = view.stat()
@@ -665,7 +663,7 @@ def test_view_is_read_only(mounts: LiveMounts, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("how", ["end", "cancel"])
 def test_end_or_cancel_while_a_reader_has_the_view_open(
-    mounts: LiveMounts, tmp_path: Path, how: str
+    cowfs: CowfsRunner, tmp_path: Path, how: str
 ) -> None:
     """`end` (of a --sync none view: exit 0, the record says complete) or `cancel` (of a
     paced full one: the record says cancelled) while a reader holds the view open and a
@@ -675,7 +673,7 @@ def test_end_or_cancel_while_a_reader_has_the_view_open(
     size = 8 * MiB
     src = make_image(tmp_path / "vda.img", size, seed)
     mp = tmp_path / "mnt"
-    m = mounts.start(mp, src)
+    m = cowfs.serve(mp, src)
     pit = pit_copy(src, tmp_path / "pit.img")
     target = tmp_path / "t.img"
     args = ["--sync", "none"] if how == "end" else ["--speed", "1M"]
@@ -707,13 +705,13 @@ def test_end_or_cancel_while_a_reader_has_the_view_open(
 
 
 def test_end_exits_1_when_the_job_fails_at_its_end(
-    faulty, mounts: LiveMounts, tmp_path: Path
+    faulty, cowfs: CowfsRunner, tmp_path: Path
 ) -> None:
     """A full view job whose copier is done ends on `end`; the target's fsync fails
     (faultfs): `end` exits 1 and prints the failed record."""
     src = make_image(tmp_path / "vda.img", 4 * MiB, seed=91)
     mp = tmp_path / "mnt"
-    mounts.start(mp, src)
+    cowfs.serve(mp, src)
     target = faulty.path("t.img")
     job, (view,) = backup_view(mp, "--target", target)
 
@@ -731,7 +729,7 @@ def test_end_exits_1_when_the_job_fails_at_its_end(
     assert_view_gone(mp, job, view)
 
 
-def test_release_and_end_refusals(mounts: LiveMounts, tmp_path: Path) -> None:
+def test_release_and_end_refusals(cowfs: CowfsRunner, tmp_path: Path) -> None:
     """Refusals exit 2 with one line and change nothing: `release` of a full job's view,
     of a bad range, of an unknown job or image, of a job without a view, after `end`;
     `end` of a job that ends by itself (no view, not --sync none), of a mount without
@@ -739,7 +737,7 @@ def test_release_and_end_refusals(mounts: LiveMounts, tmp_path: Path) -> None:
     src = make_image(tmp_path / "vda.img", 4 * MiB, seed=101)
     size = 4 * MiB
     mp = tmp_path / "mnt"
-    mounts.start(mp, src)
+    cowfs.serve(mp, src)
     pit = pit_copy(src, tmp_path / "pit.img")
     assert_refused(run_cowfs("end", mp), "end without any job")
 
@@ -785,12 +783,12 @@ def test_release_and_end_refusals(mounts: LiveMounts, tmp_path: Path) -> None:
 # -- 5. the .views directory; several images ---------------------------------------------------
 
 
-def test_views_directory_only_while_a_view_is_open(mounts: LiveMounts, tmp_path: Path) -> None:
+def test_views_directory_only_while_a_view_is_open(cowfs: CowfsRunner, tmp_path: Path) -> None:
     """`.views` is neither listed nor found while no view is open: on a fresh mount,
     during a job without a view, and once the view's job has ended."""
     src = make_image(tmp_path / "vda.img", 4 * MiB, seed=111)
     mp = tmp_path / "mnt"
-    mounts.start(mp, src)
+    cowfs.serve(mp, src)
 
     def no_views() -> None:
         assert os.listdir(mp) == ["vda.img"]
@@ -828,14 +826,14 @@ def test_views_directory_only_while_a_view_is_open(mounts: LiveMounts, tmp_path:
     assert not os.listdir(other) and not os.path.ismount(other)
 
 
-def test_two_images_two_views(mounts: LiveMounts, tmp_path: Path) -> None:
+def test_two_images_two_views(cowfs: CowfsRunner, tmp_path: Path) -> None:
     """`backup --view` of a mount of two images prints two view paths, one per image,
     both the images' point in time under writers on both; `release` must name the
     image; `end` prints both records and exits 0."""
     a = make_image(tmp_path / "a.img", 16 * MiB, seed=121)
     b = make_image(tmp_path / "b.img", 8 * MiB + 4096, seed=122)
     mp = tmp_path / "mnt"
-    mounts.start(mp, a, b)
+    cowfs.serve(mp, a, b)
     pits = {"a.img": pit_copy(a, tmp_path / "a.pit"), "b.img": pit_copy(b, tmp_path / "b.pit")}
     targets = {"a.img": tmp_path / "a-store.img", "b.img": tmp_path / "b-store.img"}
     job, views = backup_view(

@@ -44,32 +44,30 @@ about 10 s. Everything it starts (QEMU, `cowfs backup --wait`, the cowfs daemon,
 mount) is torn down by a fixture, even when the test fails.
 """
 
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, cowfs_mounts, make_image, pid_gone, run_cowfs, wait_until
-from helpers.vm import (
-    ACCEL,
-    BOOT_S,
-    ERRORS,
-    GUEST_PRELUDE,
-    QEMU,
-    GuestFiles,
-    build_guest,
-    daemon_pids,
+from conftest import make_image
+from helpers.mounting import (
+    COWFS,
+    TIMEOUT,
+    UNMOUNT,
+    Mounted,
+    cowfs_mounts,
+    run_cowfs,
+    unmount_released,
+    wait_until,
 )
+from helpers.vm import ACCEL, BOOT_S, ERRORS, GUEST_PRELUDE, QEMU, GuestFiles, build_guest
 from helpers.vm import Guest as VmGuest
 
-COWFS = [sys.executable, "-m", "cowfs"]
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 32 * MiB
 BLOCK = 4 * KiB
@@ -228,21 +226,24 @@ class Guest(VmGuest):
 # -- the mount -------------------------------------------------------------------------
 
 
+STOP_VM = ((UNMOUNT, 0.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0))
+"""The mount once its guest is gone: unmounted, then SIGTERM (it cancels a job still
+copying; the daemon then exits), then SIGKILL."""
+
+
 @dataclass
 class VmRun:
     workdir: Path
     mountpoint: Path
-    daemon: int | None = None
+    daemon: Mounted | None = None
     guests: list[Guest] = field(default_factory=list)
     commands: list[subprocess.Popen] = field(default_factory=list)
 
     def mount(self, *images: Path) -> None:
         self.mountpoint.mkdir()
-        result = run_cowfs("mount", *images, self.mountpoint)
-        assert result.returncode == 0, f"cowfs mount: {result.stderr}"
-        st = run_cowfs("status", self.mountpoint, "--json", check=True)
-        self.daemon = int(json.loads(st.stdout)["pid"])
-        assert str(self.mountpoint) in cowfs_mounts()
+        self.daemon = Mounted(images, self.mountpoint, stop=STOP_VM)
+        self.daemon.start()
+        assert self.daemon.is_mounted()
 
     def backup(self, guest: Guest, *args: str | os.PathLike) -> tuple[int, int]:
         """`cowfs backup MOUNTPOINT ARGS --wait` while the guest writes. The copier starts
@@ -280,25 +281,8 @@ class VmRun:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=TIMEOUT)
-        if not self.mountpoint.exists():
-            return
-        mounted = str(self.mountpoint) in cowfs_mounts()
-        pids = [self.daemon] if self.daemon is not None else daemon_pids(self.mountpoint)
-        if mounted:
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
-        for pid in pids:  # SIGTERM cancels a job still copying; the daemon then exits
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                if pid_gone(pid):
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                try:
-                    wait_until(lambda pid=pid: pid_gone(pid), 10, f"cowfs pid {pid} to exit")
-                    break
-                except TimeoutError:
-                    continue
-        if str(self.mountpoint) in cowfs_mounts():
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+        if self.daemon is not None:
+            self.daemon.teardown()
 
 
 @pytest.fixture
@@ -380,17 +364,11 @@ def test_vm_keeps_writing_through_a_full_and_an_incremental_backup(
 
     # The live file is closed once QEMU has exited, but the kernel sends FUSE's RELEASE
     # asynchronously: `unmount` may say busy (exit 2) for a moment.
-    results: list[subprocess.CompletedProcess] = []
-
-    def unmounted() -> bool:
-        results.append(run_cowfs("unmount", vm_run.mountpoint))
-        return results[-1].returncode != 2
-
-    wait_until(unmounted, 10, "the daemon to see the live file closed")
-    assert results[-1].returncode == 0, results[-1].stderr
+    result = unmount_released(vm_run.mountpoint)
+    assert result.returncode == 0, result.stderr
     assert str(vm_run.mountpoint) not in cowfs_mounts()
     assert vm_run.daemon is not None
-    wait_until(lambda: pid_gone(vm_run.daemon), 20, "the cowfs daemon to exit")
+    vm_run.daemon.wait_exit(20)
 
     # The source: every write the guest made and nothing else (the write in flight at
     # SIGTERM completes without its console line).

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from helpers.mounting import wait_for
+
 from ..anchor import qb
-from ..harness import POLL_S, CowfsMount, MiB, ServingMount, fsync_seconds, log, wait_for
+from ..harness import POLL_S, CowfsMount, MiB, ServingMount, fsync_seconds, log
 from ..qemu import anchor_bench, convert_compressed
 from ..qemu import incremental as qemu_incremental
 from ..workspace import BITMAP, Bench
@@ -79,13 +81,13 @@ def rss(b: Bench, src: Path, tgt: Path, sync: str) -> dict[str, Any]:
         if sync == "top":
             write_spread(m.live, RSS_SOURCE_SIZE, count=64)
             out["copied"] = wait_for(m.copied, 300, POLL_S)
-        out["bytes_total"] = m.status()["bytes_total"]
+        out["bytes_total"] = m.poll()["bytes_total"]
         out["vm_hwm_mib"] = round(m.vm("VmHWM") / MiB, 1)
         out["vm_rss_mib"] = round(m.vm("VmRSS") / MiB, 1)
         if sync == "top":
-            out["finish_rc"] = m.finish()
+            out["finish_rc"] = m.end("finish")
         else:
-            out["cancel_rc"] = m.cancel()
+            out["cancel_rc"] = m.end("cancel")
     return out
 
 
@@ -155,7 +157,7 @@ def cowfs_incremental(b: Bench, pct: float) -> dict[str, Any]:
         wl = b.dirty_workload(pct)
         with CowfsMount(src, b.mnt, junk, "--sync", "none") as m:
             out["dirty_writer"] = qb.run_workload(str(m.live), wl)
-            out["dirty_finish_rc"] = m.finish()
+            out["dirty_finish_rc"] = m.end("finish")
         out["dirty_mib"] = b.dirty_bytes(src) / MiB
         os.sync()  # the writes' writeback must not land in the incremental's window
         inc_opts = ("--sync", "incremental", "--bitmap", BITMAP, "--backing", str(full))
@@ -185,7 +187,7 @@ def cowfs_incremental_on_mount(b: Bench, pct: float) -> dict[str, Any]:
             inc_opts = ("--sync", "incremental", "--bitmap", BITMAP, "--backing", str(full))
             out["inc"] = b.timed_job(m, inc, *inc_opts)
             out["inc"]["file_mib"] = inc.stat().st_size / MiB
-            out["unmount_ok"] = m.unmount() == 0
+            out["unmount_ok"] = m.end("unmount") == 0
         out |= incremental_checks(b, src, full, inc, b.written(expected, wl))
     finally:
         b.rm(src, full, inc, expected)

@@ -42,7 +42,7 @@ def barrier(b: Bench, rep: int, bs: int) -> dict[str, Any]:
                 w.stop()
                 out["writer"], times = w.wait()
             st = json.loads(run_cowfs("status", str(m.mountpoint), "--json").stdout)
-            out["unmount_ok"] = m.unmount() == 0
+            out["unmount_ok"] = m.end("unmount") == 0
     finally:
         b.rm(src)
     jobs = {j["id"]: j for j in st["jobs"]}
@@ -64,7 +64,7 @@ def barrier(b: Bench, rep: int, bs: int) -> dict[str, Any]:
         with ServingMount(src, b.mnt) as m:
             passes = out["writer"]["passes"]
             out["idle"] = run_writer(m.live, wl, b.wd, f"g0_{bs}", passes)
-            out["idle_unmount_ok"] = m.unmount() == 0
+            out["idle_unmount_ok"] = m.end("unmount") == 0
     finally:
         b.rm(src)
     return out

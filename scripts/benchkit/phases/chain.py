@@ -104,7 +104,7 @@ def chain(b: Bench, src: Path, links: list[Path], expected: Path) -> dict[str, A
             opts = ("--sync", "incremental", "--bitmap", BITMAP, "--backing", str(links[i]))
             out[f"inc{i + 1}"] = b.timed_job(m, links[i + 1], *opts)
             out[f"inc{i + 1}"]["file_mib"] = links[i + 1].stat().st_size / MiB
-        out["unmount_ok"] = m.unmount() == 0
+        out["unmount_ok"] = m.end("unmount") == 0
     out["full"]["file_mib"] = links[0].stat().st_size / MiB
     out["source_check"] = qb.compare_files(str(src), str(expected))
     return out

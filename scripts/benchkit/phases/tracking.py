@@ -14,17 +14,16 @@ import os
 import signal
 from typing import Any
 
+from helpers.mounting import is_mounted, pid_gone, wait_for
+
 from ..anchor import qb
 from ..harness import (
     POLL_S,
     MiB,
     ServingMount,
-    is_mounted,
     log,
-    pid_gone,
     run_cowfs,
     run_writer,
-    wait_for,
 )
 from ..workspace import BITMAP, Bench
 
@@ -57,8 +56,8 @@ def tracking(b: Bench, bs: int) -> dict[str, Any]:
                 run_cowfs("bitmap", "add", str(src), BITMAP).check_returncode()
             with ServingMount(src, b.mnt) as m:
                 out[tag] = run_writer(m.live, b.workload(bs), b.wd, f"k_{tag}_{bs}")
-                out[f"{tag}_status"] = m.status()["images"][0]["tracking"]
-                out[f"{tag}_unmount_ok"] = m.unmount() == 0
+                out[f"{tag}_status"] = m.poll()["images"][0]["tracking"]
+                out[f"{tag}_unmount_ok"] = m.end("unmount") == 0
             out[f"{tag}_source_check"] = qb.compare_files(str(src), str(b.expected[bs]))
         finally:
             b.rm(src)
@@ -76,12 +75,12 @@ def crash_superset(b: Bench, pct: float, region: str, quiet: bool) -> dict[str, 
         opts = ("--intent-region", region, "--save-period", str(period))
         with ServingMount(src, b.mnt, *opts) as m:
             qb.run_workload(str(m.live), b.dirty_workload(pct))
-            image = m.status()["images"][0]
+            image = m.poll()["images"][0]
             if quiet:
-                cleared = lambda: m.status()["images"][0]["tracking"]["intent_regions"] == 0  # noqa: E731
+                cleared = lambda: m.poll()["images"][0]["tracking"]["intent_regions"] == 0  # noqa: E731
                 if not wait_for(cleared, 30 * period, POLL_S):
                     raise TimeoutError("the intent was not cleared after the writes")
-                image = m.status()["images"][0]
+                image = m.poll()["images"][0]
             truly = next(x["dirty_bytes"] for x in image["bitmaps"] if x["name"] == BITMAP)
             os.kill(m.pid, signal.SIGKILL)
             if not wait_for(lambda: pid_gone(m.pid), 30):

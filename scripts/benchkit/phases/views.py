@@ -38,7 +38,7 @@ def view_read(b: Bench, rep: int, item: None) -> dict[str, Any]:
             passes = out["writer_reading"]["passes"]
             out["writer_alone"] = run_writer(m.live, wl, b.wd, "i_alone", passes=passes)
             out["end_ok"] = run_cowfs("end", str(b.mnt)).returncode == 0
-            out["unmount_ok"] = m.unmount() == 0
+            out["unmount_ok"] = m.end("unmount") == 0
     finally:
         b.rm(src, store)
     out["view_ok"] = out["cowfs"]["sha256"] == out["plain"]["sha256"]

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from helpers.mounting import wait_for
+
 from ..anchor import qb
-from ..harness import POLL_S, CowfsMount, Writer, log, py_spy, run_writer, wait_for
+from ..harness import POLL_S, CowfsMount, Writer, log, py_spy, run_writer
 from ..qemu import anchor_bench
 from ..workspace import Bench
 
@@ -41,13 +43,13 @@ def cowfs_backup(b: Bench, bs: int) -> dict[str, Any]:
         Writer(b.mnt / src.name, wl, b.wd, f"cowfs_{bs}") as w,
         CowfsMount(src, b.mnt, tgt, "--sync", "full", *speed) as m,
     ):
-        at_go = m.status()["bytes_done"]
+        at_go = m.poll()["bytes_done"]
         with py_spy(m.pid, b.profile_path(f"a_{bs}")):
             w.go()
             t_copied = wait_copied(m, w)
         wres, times = w.wait()
-        st = m.status()
-        rc = m.finish()
+        st = m.poll()
+        rc = m.end("finish")
     wres["during_job"] = qb.split_writer_by_time(times, t_copied, bs)
     out = {
         "writer": wres,
@@ -81,7 +83,7 @@ def cowfs_idle(b: Bench, bs: int) -> dict[str, Any]:
         os.sync()  # the copier's writeback must not land in the writer's window
         with py_spy(m.pid, b.profile_path(f"b_{bs}")):
             wres = run_writer(m.live, b.workload(bs), b.wd, f"idle_{bs}")
-        rc = m.finish()
+        rc = m.end("finish")
     return {"writer": wres, "finish_rc": rc} | checked(b, bs, src, tgt)
 
 
