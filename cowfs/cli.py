@@ -195,9 +195,21 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing target")
 
 
-def main(argv: list[str] | None = None) -> int:
+DAEMONS = ("mount", "restore")
+"""Commands that may become a daemon (`restore --live`): a control client that goes away
+must cost it an EPIPE, never its life."""
+
+
+def console() -> int:
+    """The `cowfs` command itself: `cowfs info T | head -1` dies quietly, as cat would.
+    Only here, not in `main`: tests call `main` in-process, where SIGPIPE's default would
+    kill the test run at its next write to a closed pipe."""
+    return main(console=True)
+
+
+def main(argv: list[str] | None = None, console: bool = False) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "mount":  # `cowfs info T | head -1`: die quietly, as cat would
+    if console and args.command not in DAEMONS:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         return _COMMANDS[args.command](args)
