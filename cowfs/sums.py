@@ -75,7 +75,7 @@ class Checksums:
         """The job wrote `cluster` (the image's bytes there, up to its end) at `offset`."""
         self.set_data(offset // self.cluster_size, digest(cluster))
 
-    def set_data(self, i: int, value: bytes) -> None:
+    def set_data(self, i: int, value: bytes | memoryview) -> None:
         block = self._digests.get(i // CHUNK)
         if block is None:
             block = self._digests.setdefault(i // CHUNK, bytearray(CHUNK * DIGEST))
@@ -109,7 +109,10 @@ class Checksums:
         """Header, the states deflated (runs of one state shrink to nothing), the digests
         of the data clusters in order, SHA-256 of all that."""
         states = zlib.compress(bytes(self.states), 1)
-        parts = [HEADER.pack(MAGIC, VERSION, self.cluster_size, self.size, len(states)), states]
+        parts: list[bytes | bytearray] = [
+            HEADER.pack(MAGIC, VERSION, self.cluster_size, self.size, len(states)),
+            states,
+        ]
         for chunk in sorted(self._digests):
             block = self._digests[chunk]
             base = chunk * CHUNK
