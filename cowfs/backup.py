@@ -29,7 +29,8 @@ from .extents import DataScan
 from .imagelock import Role, lock_image
 from .job import Job
 from .options import JobOptions, SyncMode
-from .record import Record, read_record, record_path, write_record
+from .record import Record, read_record, record_path
+from .repo.jobs import RepoRequest, open_repo_target
 from .sums import ALGORITHM, sums_path
 from .target import Target, create_target
 
@@ -46,6 +47,8 @@ class TargetRequest:
     compress: bool = False
     backing: Path | None = None
     force: bool = False
+    repo: RepoRequest | None = None
+    """Into a repository instead of a file (then `target` is unused)."""
 
 
 @dataclass
@@ -55,8 +58,9 @@ class Prepared:
     disk: Disk
     request: TargetRequest
     job: Job
-    claim: Claim
-    tmp: Path
+    claim: Claim | None
+    """A file target's claim; a repository needs none (each snapshot has its own name)."""
+    tmp: Path | None
     replaced_fd: int | None
     """The existing target (--force), locked until the new one replaces it."""
     undo: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -65,6 +69,12 @@ class Prepared:
 def prepare(disk: Disk, req: TargetRequest, mountpoint: Path, sources: list[Path]) -> Prepared:
     """Check the request for `disk` and create its target under a temporary name.
     `sources`: every image the mount serves (none may be the target)."""
+    if req.repo is not None:
+        snapshot = open_repo_target(disk, req.repo, req.options)
+        undo = contextlib.ExitStack()
+        undo.callback(snapshot.close)
+        job = Job(disk.fd, str(disk.path), snapshot, req.options)
+        return Prepared(disk, req, job, None, None, None, undo)
     target_path = preflight.canonical_target(req.target)
     preflight.check_cluster_size(req.options.cluster_size)
     source_st = os.fstat(disk.fd)
@@ -139,6 +149,8 @@ def begin(prepared: Prepared, at: datetime | None = None, scan: DataScan | None 
     serves nothing yet (then it is done here, where Ctrl-C can still undo it)."""
     job, disk = prepared.job, prepared.disk
     job.incremental = _start_bitmap(disk.dirty, job.options, disk.size)
+    if job.incremental is not None:
+        job.incremental = job.target.needs(job.incremental, disk.size)
     job.start(at, scan, zeroes_now=scan is None)
     disk.jobs.append(job)
 
@@ -158,6 +170,10 @@ def _start_bitmap(dirty: BitmapStore, options: JobOptions, size: int) -> bitarra
 def commit(prepared: Prepared) -> None:
     """Write the record, then give the target its name (a crash in between leaves a
     record that says running beside whatever was there: never a lie)."""
+    if prepared.claim is None or prepared.tmp is None:  # a repository: names its snapshot
+        write_job_record(prepared.job, reserve=True)
+        prepared.undo.pop_all()
+        return
     prepared.claim.held_by(os.getpid())
     write_job_record(prepared.job, reserve=True)  # no record, no backup
     path = prepared.job.target.path
@@ -187,7 +203,7 @@ def anchor(job: Job) -> dict:
     assert job.point_in_time is not None
     return {
         "job": job.id,
-        "target": str(job.target.path),
+        "target": job.target.name,
         "point_in_time": job.point_in_time.isoformat(),
     }
 
@@ -199,7 +215,7 @@ def write_job_record(job: Job, reserve: bool) -> None:
     record = Record(
         status=str(job.state),
         source=job.source,
-        target=str(job.target.path),
+        target=job.target.name,
         format=job.target.format,
         size=job.size,
         cluster_size=job.cluster_size,
@@ -223,7 +239,7 @@ def write_job_record(job: Job, reserve: bool) -> None:
         checksums=job.sums_sha256,
         checksum_algorithm=ALGORITHM if job.sums_sha256 else None,
     )
-    write_record(record_path(Path(job.target.path)), record, reserve)
+    job.target.write_record(record, reserve)
 
 
 def _create_target(tmp: Path, final: Path, size: int, req: TargetRequest) -> Target:

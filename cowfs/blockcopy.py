@@ -168,6 +168,7 @@ class BlockCopy:
         written = 0
         for i, (first, count) in enumerate(runs):
             offset, length = self.extent(first, count)
+            self.target.admit(length)  # a repository's spool: uploads that lag slow us
             try:
                 written += copy_range(
                     self.source_fd, self.writer, offset, length, self.cluster_size, buf

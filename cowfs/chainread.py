@@ -29,7 +29,7 @@ BLOCK = 1 << 20
 class CorruptCluster(CowfsError):
     """A cluster that does not read as its checksum says; names the file and offset."""
 
-    def __init__(self, path: Path, offset: int, reason: str) -> None:
+    def __init__(self, path: Path | str, offset: int, reason: str) -> None:
         super().__init__(f"{path}: cluster at offset {offset}: {reason}")
         self.path = path
         self.offset = offset

@@ -23,6 +23,7 @@ from .errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, Cowf
 from .options import FORMATS, JobOptions, SyncMode
 from .policy import CbwPolicy, SourcePolicy, TargetPolicy
 from .record import FINAL_STATES, Record, headline, pid_alive, read_record, verdict
+from .repo import cli as repo_cli
 from .units import format_bytes, parse_seconds, parse_size
 
 PROGRESS_S = 0.5
@@ -75,10 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         "-t",
         "--target",
         action="append",
-        required=True,
+        default=[],
         metavar="[IMAGE=]TARGET",
         help="the backup of IMAGE (just TARGET on a mount of one image); once per image",
     )
+    repo_cli.add_backup_options(bk)
     bk.add_argument(
         "--backing",
         action="append",
@@ -151,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         bx.add_argument("name", metavar="NAME")
 
     restore_cli.add_parsers(sub)
+    repo_cli.add_parsers(sub, _Parser)
 
     i = sub.add_parser("info", help="show a target's record; exit 0 only if complete")
     i.add_argument("target", type=Path, metavar="TARGET")
@@ -282,13 +285,18 @@ def _target_options(
             "incremental backups need a qcow2 target: a raw file cannot tell a copied "
             "zero from a cluster that was not copied"
         )
+    return fmt, _options(args)
+
+
+def _options(args: argparse.Namespace) -> JobOptions:
+    sync = SyncMode(args.sync)
     if sync is SyncMode.INCREMENTAL and not args.bitmap:
         raise CowfsError("an incremental backup needs --bitmap NAME")
     if sync is SyncMode.NONE and args.bitmap:
         raise CowfsError("--bitmap goes with --sync full, top or incremental")
     from .preflight import check_cluster_size
 
-    options = JobOptions(
+    return JobOptions(
         sync=sync,
         cluster_size=check_cluster_size(parse_size(args.cluster_size, "cluster size")),
         speed=parse_size(args.speed, "speed"),
@@ -299,12 +307,23 @@ def _target_options(
         bitmap=args.bitmap,
         view=getattr(args, "view", False),  # `backup` only
     )
-    return fmt, options
 
 
 def _backup(args: argparse.Namespace) -> int:
     st = read_status(args.mountpoint)
     images = [image["name"] for image in st["images"]]
+    if args.repo is not None:
+        requests = repo_cli.backup_requests(args, images, _options(args))
+    else:
+        requests = _file_requests(args, images)
+    st = send_command(args.mountpoint, "backup", targets=requests, completion=args.completion)
+    return _report_started(args, st)
+
+
+def _file_requests(args: argparse.Namespace, images: list[str]) -> dict[str, dict]:
+    """Each image's file target, its format and options, as the daemon takes them."""
+    if not args.target:
+        raise CowfsError("a backup needs --target (or --repo)")
     targets = _per_image(args.target, images, "--target")
     backings = _per_image(args.backing, images, "--backing")
     for name in backings:
@@ -322,7 +341,10 @@ def _backup(args: argparse.Namespace) -> int:
             "force": args.force,
             "options": options.to_json(),
         }
-    st = send_command(args.mountpoint, "backup", targets=requests, completion=args.completion)
+    return requests
+
+
+def _report_started(args: argparse.Namespace, st: dict) -> int:
     job_id = st["started"]
     print(job_id)
     for job in st["jobs"]:
@@ -753,4 +775,5 @@ _COMMANDS = {
     "verify": restore_cli.verify,
     "restore": restore_cli.restore,
     "commit": restore_cli.commit,
+    "repo": repo_cli.command,
 }

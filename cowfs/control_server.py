@@ -22,6 +22,7 @@ from .group import Completion, Group
 from .job import JobState
 from .options import JobOptions
 from .registry import Registry
+from .repo.jobs import RepoRequest
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def _requests(request: dict[str, Any]) -> dict[str, TargetRequest]:
             compress=bool(t["compress"]),
             backing=None if t["backing"] is None else Path(t["backing"]),
             force=bool(t["force"]),
+            repo=None if t.get("repo") is None else RepoRequest.from_json(t["repo"]),
         )
     if not out:
         raise CowfsError("a backup needs at least one --target")

@@ -38,7 +38,7 @@ class Group:
         self._flushed: set[Job] = set()
         for job in jobs:
             job.group = group_id
-            job.peers = [str(peer.target.path) for peer in jobs if peer is not job]
+            job.peers = [peer.target.name for peer in jobs if peer is not job]
 
     @property
     def running(self) -> bool:
@@ -72,7 +72,7 @@ class Group:
         if job.state is not JobState.COMPLETE and self.completion is Completion.GROUPED:
             for peer in self.jobs:
                 if peer is not job:
-                    peer.cancel(f"its peer {job.target.path} {job.state}")
+                    peer.cancel(f"its peer {job.target.name} {job.state}")
         await self.on_end(job)
 
 

@@ -17,7 +17,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import trio
 from bitarray import bitarray
@@ -27,7 +26,6 @@ from .blockcopy import BlockCopy
 from .extents import DataScan, data_clusters
 from .options import JobOptions, SyncMode
 from .policy import Action, CbwPolicy, copier_action
-from .sums import sums_path
 from .target import Target
 
 log = logging.getLogger(__name__)
@@ -143,12 +141,13 @@ class Job:
                 needed, self.selected = everything, zeros(len(data))
         if self.options.view:  # every cluster must stay readable at the point in time
             needed = everything
+        self.point_in_time = at or datetime.now(UTC)
+        self.target.begin(size, needed, self.point_in_time)
         self.copy.reset(size, ~(needed & data))
         self.released = zeros(len(data))
         self.zeroes = needed & ~data
         if zeroes_now:
             self.write_zeroes()
-        self.point_in_time = at or datetime.now(UTC)
         self.started_mono = time.monotonic()
         self.state = JobState.RUNNING
         log.info(
@@ -296,16 +295,10 @@ class Job:
         if missing:
             self.fail(f"{missing} clusters were never copied")
             return False
-        try:
-            await trio.to_thread.run_sync(self.target.fsync)
+        try:  # durable, and the checksums (or a repository's index) beside it
+            self.sums_sha256 = await trio.to_thread.run_sync(self.target.seal, self.copy.sums)
         except OSError as e:
-            self.fail(f"fsync of the target: {e}")
-            return False
-        try:
-            path = sums_path(Path(self.target.path))
-            self.sums_sha256 = await trio.to_thread.run_sync(self.copy.sums.save, path)
-        except OSError as e:
-            self.fail(f"writing the checksums: {e}")
+            self.fail(f"making the target durable: {e}")
             return False
         return True
 
@@ -357,7 +350,7 @@ class Job:
         return JobStatus(
             state=str(self.state),
             source=self.source,
-            target=str(self.target.path),
+            target=self.target.name,
             format=self.target.format,
             sync=str(self.options.sync),
             cluster_size=self.cluster_size,

@@ -82,7 +82,8 @@ class Registry:
         group_id = max(self.groups, default=0) + 1
         group = Group(group_id, [p.job for p in prepared], completion, self._job_ended)
         for p in prepared:
-            self._claims[p.job] = p.claim
+            if p.claim is not None:
+                self._claims[p.job] = p.claim
             self._disk_of[p.job] = p.disk
             if p.job.options.view:
                 self._views[p.job] = View(p.job, p.disk.name)
@@ -149,7 +150,7 @@ class Registry:
                     backup.prepare, disk, requests[disk.name], self.mountpoint, sources
                 )
                 prepared.append(p)
-            targets = [p.job.target.path for p in prepared]
+            targets = [p.job.target.name for p in prepared]
             if len(set(targets)) < len(targets):
                 raise CowfsError("two images of the job have the same target")
         except BaseException:
@@ -274,19 +275,21 @@ class Registry:
         try:
             await trio.to_thread.run_sync(backup.write_job_record, job, False)
         except OSError as e:  # the record left behind (running) says incomplete: no lie
-            log.error("cannot write the record beside %s: %s", job.target.path, e)
+            log.error("cannot write the record of %s: %s", job.target.name, e)
             recorded = False
         if job.options.bitmap is not None:  # after the record: never anchored to a link
             complete = job.state is JobState.COMPLETE and recorded  # that says running
             disk.dirty.end_job(job.options.bitmap, backup.anchor(job) if complete else None)
             await disk.tracker.save()
-        log.info("backup %s: %s", job.state, job.target.path)
+        log.info("backup %s: %s", job.state, job.target.name)
         if not job.options.cbw_timeout:  # with it, an abandoned copy may still write
             try:
                 await trio.to_thread.run_sync(job.target.close)
             except OSError as e:  # a failed job's target, e.g. on a full filesystem
-                log.warning("closing %s: %s", job.target.path, e)
-        self._claims.pop(job).release()
+                log.warning("closing %s: %s", job.target.name, e)
+        claim = self._claims.pop(job, None)
+        if claim is not None:
+            claim.release()
 
     # -- status ------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ from .locks import ClusterClaims
 from .preflight import OWN_FILE
 from .ratelimit import RateLimiter
 from .record import Record, read_record, record_path, verdict, write_record
+from .repo.snapshot import RepoSnapshot, is_snapshot
+from .repo.store import S3Access
 from .target import Qcow2Target, RawTarget
 from .target.qcow2 import MAX_CLUSTER
 from .target.raw import punch_hole
@@ -76,12 +78,15 @@ class ResumedRaw(RawTarget):
 
 @dataclass(frozen=True)
 class RestoreRequest:
-    top: Path
+    top: str
+    """A backup chain's top file, or a repository snapshot (REPO/IMAGE@TIME)."""
     dest: Path
     fmt: str = "raw"
     force: bool = False
     speed: int = 0
     """The copier's limit in bytes/s (0: none); reads and writes on demand are not limited."""
+    access: S3Access | None = None
+    """How to reach an S3 repository (None: from the environment)."""
 
 
 class Restore:
@@ -89,7 +94,7 @@ class Restore:
 
     def __init__(
         self,
-        chain: BackupChain,
+        chain: BackupChain | RepoSnapshot,
         dest: Path,
         out: RawTarget | Qcow2Target,
         restored: bitarray,
@@ -128,7 +133,7 @@ class Restore:
     def prepare(cls, req: RestoreRequest) -> "Restore":
         """Open the chain (every link complete, its checksums intact) and DEST: new, or
         replaced with --force, or resumed when it is this chain's unfinished restore."""
-        chain = BackupChain.open(req.top)
+        chain = open_source(req.top, req.access)
         try:
             dest = req.dest
             links = {os.path.realpath(link.path) for link in chain.links}
@@ -444,7 +449,14 @@ class Restore:
         write_record(record_path(self.dest), record, reserve=False)
 
 
-def _job_id(chain: BackupChain) -> str:
+def open_source(top: str, access: S3Access | None) -> BackupChain | RepoSnapshot:
+    """The backup to restore: a repository snapshot, or a chain of files."""
+    if is_snapshot(top):
+        return RepoSnapshot.open(top, access)
+    return BackupChain.open(Path(top))
+
+
+def _job_id(chain: BackupChain | RepoSnapshot) -> str:
     """What ties a restore to its backup: the top link's job id (32 hex digits)."""
     return (chain.record.job or "").ljust(32, "0")[:32]
 
@@ -456,7 +468,9 @@ def _open_dest(dest: Path, flags: int) -> int:
         raise CowfsError(f"cannot open destination {dest}: {e.strerror}") from None
 
 
-def _resumable(chain: BackupChain, dest: Path, req: RestoreRequest) -> bitarray | None:
+def _resumable(
+    chain: BackupChain | RepoSnapshot, dest: Path, req: RestoreRequest
+) -> bitarray | None:
     """The restored map of DEST if DEST is an unfinished restore of this chain (and not
     --force); None to start afresh."""
     if req.force or not dest.is_file():

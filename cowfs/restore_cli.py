@@ -30,7 +30,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("target", type=Path, metavar="TOP")
 
     r = sub.add_parser("restore", help="write the image at a backup's point in time to DEST")
-    r.add_argument("target", type=Path, metavar="TARGET")
+    r.add_argument("target", metavar="TARGET", help="a chain's top file, or REPO/IMAGE@TIME")
     r.add_argument("dest", type=Path, metavar="DEST")
     r.add_argument("--format", choices=["raw", "qcow2"], default="raw", help="DEST's format")
     r.add_argument(
@@ -46,6 +46,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--speed", default="0", metavar="RATE", help="limit the copier (bytes/s, K/M/G); 0: none"
     )
     r.add_argument("--allow-other", action="store_true", help="let other users reach the live file")
+    r.add_argument("--endpoint", metavar="URL", help="the S3 endpoint of an s3:// repository")
     r.add_argument("-f", "--foreground", action="store_true", help="(--live) stay attached")
     r.add_argument("--debug", action="store_true", help="log every step")
     v.add_argument("--debug", action="store_true", help="log every step")
@@ -115,9 +116,15 @@ def restore(args: argparse.Namespace) -> int:
     from .restore import Restore, RestoreRequest, restore_all
 
     speed = parse_size(args.speed, "speed")
-    req = RestoreRequest(
-        args.target.absolute(), args.dest.absolute(), args.format, args.force, speed
-    )
+    from .repo.cli import access_for
+    from .repo.snapshot import is_snapshot
+
+    top = args.target
+    if is_snapshot(top):
+        access = access_for(top.rpartition("/")[0], args.endpoint)
+    else:
+        top, access = str(Path(top).absolute()), None
+    req = RestoreRequest(top, args.dest.absolute(), args.format, args.force, speed, access)
     _quiet(args)
     if args.live is not None:
         if args.format != "raw":

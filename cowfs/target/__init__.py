@@ -1,25 +1,37 @@
 """Target formats. Each writes clusters at image offsets and knows nothing of FUSE or jobs."""
 
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from bitarray import bitarray
+
 from ..options import FORMATS
+from ..record import Record
+from ..sums import Checksums
 from .qcow2 import Qcow2Target
 from .raw import RawTarget
 
 
 class Target(Protocol):
-    """What the job needs of a target; methods are blocking and thread-safe per cluster."""
+    """What the job needs of a target; methods are blocking and thread-safe per cluster.
+    File targets share their start and end (file.py); a repository has its own."""
 
     path: Path
     fd: int
     format: str
     backing: Path | None
 
+    @property
+    def name(self) -> str: ...
+    def needs(self, clusters: bitarray, size: int) -> bitarray: ...
+    def begin(self, size: int, needed: bitarray, at: datetime) -> None: ...
+    def admit(self, length: int) -> None: ...
     def write(self, offset: int, data: memoryview) -> None: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
     def read(self, offset: int, length: int) -> bytes: ...
-    def fsync(self) -> None: ...
+    def seal(self, sums: Checksums) -> str | None: ...
+    def write_record(self, record: Record, reserve: bool) -> None: ...
     def close(self) -> None: ...
 
 

@@ -28,6 +28,7 @@ from array import array
 from pathlib import Path
 
 from ..errors import CowfsError
+from .file import FileTarget
 from .raw import WRITE_PIECE, read_exactly
 
 MAGIC = b"QFI\xfb"
@@ -124,7 +125,7 @@ def _l1_size(size: int, cluster_size: int) -> int:
     return max(1, -(-size // (cluster_size * (cluster_size // 8))))
 
 
-class Qcow2Target:
+class Qcow2Target(FileTarget):
     """A qcow2 image being written; methods are blocking and thread-safe for distinct clusters."""
 
     format = "qcow2"

@@ -8,12 +8,14 @@ import ctypes
 import os
 from pathlib import Path
 
+from .file import FileTarget
+
 WRITE_PIECE = 128 << 10
 """Large single pwrites into the page cache are slow on these machines (see STYLE.md);
 128 KiB pieces measured fastest for the copier's write side."""
 
 
-class RawTarget:
+class RawTarget(FileTarget):
     """A raw image being written; methods are blocking and thread-safe (positional I/O)."""
 
     format = "raw"

@@ -1,0 +1,118 @@
+"""A repository snapshot read back through its index, every chunk checked.
+
+The restore commands read a backup the same way whatever holds it (restore.py asks
+for `size`, `cluster_size`, `record`, `top`, `links` and `read`), so a snapshot
+answers as a file chain does: `read` returns the image's bytes at the point in time,
+each chunk checked against the SHA-256 that names it, and a chunk that is missing or
+damaged is a CorruptCluster that names it. Chunks are fetched whole and a few are
+kept, so the restore's cluster-sized reads cost one GET per chunk.
+"""
+
+import threading
+from collections import OrderedDict
+from dataclasses import fields
+from pathlib import Path
+
+from ..chainread import CorruptCluster
+from ..record import Record
+from .format import ZERO_HASH, chunk_key
+from .repository import Repository
+from .store import MissingObject, RepoError, S3Access
+
+KEEP = 8
+"""Chunks kept decoded: the two restore copiers and on-demand reads each touch one or two."""
+
+
+def is_snapshot(source: str) -> bool:
+    """Whether `source` names a repository snapshot (REPO/IMAGE@TIME), not a file."""
+    if source.startswith("s3://"):
+        return True
+    path = Path(source)
+    if path.exists() or "@" not in path.name:
+        return False
+    return (path.parent / "cowfs-repo.json").is_file()
+
+
+class RepoSnapshot:
+    def __init__(self, repo: Repository, name: str) -> None:
+        self.repo = repo
+        self.manifest = repo.manifest(name)
+        self.index = repo.index(self.manifest)
+        self.top = repo.snapshot_url(*name.rsplit("@", 1))
+        self.size = self.manifest.size
+        self.cluster_size = self.manifest.cluster_size
+        self.chunk_size = self.manifest.chunk_size
+        known = {f.name for f in fields(Record)}
+        self.record = Record(**{k: v for k, v in self.manifest.record.items() if k in known})
+        self.links: list = []
+        """No files: nothing a destination could overwrite."""
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[int, bytes] = OrderedDict()
+        self._fetching: dict[int, threading.Event] = {}
+
+    @classmethod
+    def open(cls, source: str, access: S3Access | None) -> "RepoSnapshot":
+        url, sep, name = source.rstrip("/").rpartition("/")
+        if not sep or "@" not in name:
+            raise RepoError(f"{source} names no snapshot (REPO/IMAGE@TIME)")
+        return cls(Repository.open(url, access), name)
+
+    @property
+    def bytes_to_verify(self) -> int:
+        return sum(
+            self.index.extent(i)[1] for i, h in enumerate(self.index.hashes) if h != ZERO_HASH
+        )
+
+    def read(self, offset: int, length: int) -> bytearray:
+        """The image's bytes at [offset, offset+length), verified. Raises CorruptCluster."""
+        out = bytearray(length)
+        pos = offset
+        end = offset + length
+        while pos < end:
+            i = pos // self.chunk_size
+            start = i * self.chunk_size
+            piece = min(end, start + self.chunk_size) - pos
+            if self.index.hashes[i] != ZERO_HASH:
+                data = self.chunk(i)
+                out[pos - offset : pos - offset + piece] = data[pos - start : pos - start + piece]
+            pos += piece
+        return out
+
+    def chunk(self, i: int) -> bytes:
+        """Chunk `i`, fetched once however many readers want it at the same time."""
+        while True:
+            with self._lock:
+                data = self._kept.get(i)
+                if data is not None:
+                    self._kept.move_to_end(i)
+                    return data
+                waiting = self._fetching.get(i)
+                if waiting is None:
+                    self._fetching[i] = threading.Event()
+                    break
+            waiting.wait()
+        try:
+            data = self._fetch(i)
+            with self._lock:
+                self._kept[i] = data
+                while len(self._kept) > KEEP:
+                    self._kept.popitem(last=False)
+            return data
+        finally:
+            with self._lock:
+                self._fetching.pop(i).set()
+
+    def _fetch(self, i: int) -> bytes:
+        digest = self.index.hashes[i]
+        offset, length = self.index.extent(i)
+        where = f"{self.repo.url}/{chunk_key(digest)}"
+        try:
+            return self.repo.get_chunk(digest, length)
+        except MissingObject:
+            raise CorruptCluster(where, offset, "chunk missing from the repository") from None
+        except ValueError as e:
+            raise CorruptCluster(where, offset, f"chunk damaged: {e}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._kept.clear()
