@@ -13,9 +13,10 @@ import trio
 
 from cowfs.job import Job, JobState
 from cowfs.target import RawTarget
+from cowfs.target.file import FileTarget
 
 
-class RecordingTarget:
+class RecordingTarget(FileTarget):
     """A RawTarget wrapper that checks the job's promises at the moment of each write.
 
     Every cluster is written (data or zeroes) at most once after the point in time,
