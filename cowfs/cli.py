@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     repo_cli.add_parsers(sub, _Parser)
 
     i = sub.add_parser("info", help="show a target's record; exit 0 only if complete")
-    i.add_argument("target", type=Path, metavar="TARGET")
+    i.add_argument("target", metavar="TARGET", help="a target file, or REPO/IMAGE@TIME")
+    i.add_argument("--endpoint", metavar="URL", help="the S3 endpoint of an s3:// repository")
     i.add_argument("--json", action="store_true")
     return p
 
@@ -567,8 +568,11 @@ def _info(args: argparse.Namespace) -> int:
     """Exit 0 only if the target and every link of its backing chain are complete: a
     complete incremental over a broken link restores wrong data."""
     from .chain import links
+    from .repo.snapshot import is_snapshot
 
-    target = args.target.absolute()
+    if is_snapshot(args.target):
+        return _snapshot_info(args)
+    target = Path(args.target).absolute()
     record = read_record(target)
     below = list(links(target))[1:]
     broken = [link for link in below if link.problem is not None]
@@ -589,6 +593,30 @@ def _info(args: argparse.Namespace) -> int:
         if broken:
             print(f"chain: broken at {broken[0].path}: the target does not restore correctly")
     return EXIT_OK if verdict(record) == "complete" and not broken else EXIT_INCOMPLETE
+
+
+def _snapshot_info(args: argparse.Namespace) -> int:
+    """A repository snapshot's record, kept in its manifest (there only if complete)."""
+    from dataclasses import asdict
+
+    from .repo.snapshot import RepoSnapshot
+
+    access = repo_cli.access_for(args.target.rpartition("/")[0], args.endpoint)
+    snapshot = RepoSnapshot.open(args.target, access)
+    record, manifest = snapshot.record, snapshot.manifest
+    if args.json:
+        print(
+            json.dumps(asdict(record) | {"verdict": verdict(record), "manifest": asdict(manifest)})
+        )
+    else:
+        _print_record(record)
+        print(
+            f"snapshot: {manifest.snapshot}, parent {manifest.parent or '-'}: "
+            f"{manifest.chunks} chunks of {format_bytes(manifest.chunk_size)}, "
+            f"{manifest.zero_chunks} zero, {manifest.new_chunks} uploaded "
+            f"({format_bytes(manifest.new_bytes)})"
+        )
+    return EXIT_OK if verdict(record) == "complete" else EXIT_INCOMPLETE
 
 
 def _bitmap(args: argparse.Namespace) -> int:
