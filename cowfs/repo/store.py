@@ -101,7 +101,7 @@ class S3Store:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         config = Config(
-            retries={"max_attempts": access.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": access.max_attempts, "mode": "standard"},
             connect_timeout=access.timeout,
             read_timeout=access.timeout,
             s3={"addressing_style": "path"},
