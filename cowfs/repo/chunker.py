@@ -157,7 +157,9 @@ class RepoTarget:
         """Blocking, the copier's: wait while the spool is over half full, so that
         copy-before-write always finds room."""
         with self._cond:
-            while self.spooled + length > self.spool_size // 2 and not self.error:
+            while self.spooled + length > self.spool_size // 2:
+                if self.error or self._closing:
+                    return  # the write that follows fails with the reason
                 self._cond.wait()
 
     def write(self, offset: int, data: memoryview) -> None:
@@ -165,6 +167,8 @@ class RepoTarget:
         with self._cond:
             if self.error:
                 raise OSError(errno.EIO, self.error)
+            if self._closing:
+                raise OSError(errno.EIO, "the job has ended")
             if self.spooled + length > self.spool_size:
                 raise OSError(
                     errno.ENOSPC, f"the spool is full ({self.spool_size} bytes): uploads lag"
