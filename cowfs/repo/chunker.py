@@ -286,18 +286,15 @@ class RepoTarget:
         return None
 
     def write_record(self, record: Record, reserve: bool) -> None:
-        """At the start (reserve): the snapshot's final name. At the end: a complete job
-        gets its manifest (index first, then manifest); any other leaves only orphan
-        chunks for gc, and no snapshot."""
+        """Nothing at the start (the lock object says the backup runs). At the end, a
+        complete job gets its snapshot (index first, then manifest), named after its
+        point in time; any other leaves only orphan chunks for gc, and no snapshot."""
         assert self.stamp is not None
-        if reserve:
-            if self.repo.has_snapshot(self.image, self.stamp):
-                self.stamp = stamp_of(datetime.fromisoformat(record.point_in_time), True)
-            record.target = self.name
-            return
-        if record.status != "complete":
+        if reserve or record.status != "complete":
             return
         assert self.index is not None
+        if self.repo.has_snapshot(self.image, self.stamp):  # a snapshot of the same second
+            self.stamp = stamp_of(datetime.fromisoformat(record.point_in_time), True)
         record.target = self.name
         manifest = Manifest(
             image=self.image,
