@@ -6,7 +6,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 apt_packages=(fuse3 libfuse3-dev pkg-config qemu-utils qemu-system-common fio python3-venv gcc
-              qemu-system-x86 busybox-static)
+              qemu-system-x86 busybox-static ceph-mon ceph-osd radosgw ceph-common)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -28,6 +28,7 @@ from helpers.mounting import (  # noqa: E402 (after the rewrite is registered)
     mountpoints,
     wait_until,
 )
+from helpers.radosgw_fixture import radosgw  # noqa: E402, F401 (one radosgw for the session)
 
 
 def make_image(path: Path, size: int, seed: int, holes: bool = True) -> Path:

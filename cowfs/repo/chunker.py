@@ -239,11 +239,11 @@ class RepoTarget:
             digest = hashlib.sha256(data).digest()
             with self._cond:
                 upload = digest not in self._known or digest in self._bad
-                self._known.add(digest)
-                self._bad.discard(digest)
-            if upload:
+            if upload:  # known only once uploaded: a failed upload must not be trusted later
                 stored = self.repo.put_chunk(digest, data)
                 with self._cond:
+                    self._known.add(digest)
+                    self._bad.discard(digest)
                     self.new_chunks += 1
                     self.new_bytes += stored
                     self._uploaded.append(digest)
