@@ -719,7 +719,23 @@ def _wait_and_report(status: dict) -> int:
     if written is None:
         print(f"unmounted {status['mountpoint']}")
         return EXIT_OK
+    if status.get("format") == "repo":
+        return _report_snapshot(written)
     return _report_record(Path(written))
+
+
+def _report_snapshot(name: str) -> int:
+    """A repository job's outcome: its snapshot exists only if it completed."""
+    from .repo.snapshot import RepoSnapshot
+    from .repo.store import RepoError
+
+    try:
+        snapshot = RepoSnapshot.open(name, repo_cli.access_for(name.rpartition("/")[0], None))
+    except RepoError as e:
+        print(f"incomplete: no snapshot {name} ({e.message}); the mount's log says why")
+        return EXIT_INCOMPLETE
+    _print_record(snapshot.record)
+    return EXIT_OK
 
 
 def _report_record(target: Path) -> int:
