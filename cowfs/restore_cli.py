@@ -22,7 +22,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser(
         "verify", help="check every cluster of a backup's chain against its checksum"
     )
-    v.add_argument("target", type=Path, metavar="TARGET")
+    v.add_argument("target", metavar="TARGET", help="a chain's top file, or REPO/IMAGE@TIME")
+    v.add_argument("--endpoint", metavar="URL", help="the S3 endpoint of an s3:// repository")
 
     c = sub.add_parser(
         "commit", help="merge an incremental into its backing file (qemu-img commit), verified"
@@ -63,8 +64,12 @@ def _quiet(args: argparse.Namespace) -> None:
 
 def verify(args: argparse.Namespace) -> int:
     from .chainread import BackupChain
+    from .repo.snapshot import is_snapshot
 
-    top = args.target.absolute()
+    if is_snapshot(args.target):
+        _quiet(args)
+        return _verify_snapshot(args)
+    top = Path(args.target).absolute()
     if not top.is_file():
         raise CowfsError(f"{args.target}: no such backup")
     _quiet(args)
@@ -93,6 +98,32 @@ def verify(args: argparse.Namespace) -> int:
     print(
         f"verify: ok: {links} link(s), {size} checked, point in time {chain.record.point_in_time}"
     )
+    return EXIT_OK
+
+
+def _verify_snapshot(args: argparse.Namespace) -> int:
+    """A repository snapshot: every chunk its index names, re-hashed."""
+    from .repo.cli import access_for
+    from .repo.snapshot import RepoSnapshot
+
+    access = access_for(args.target.rpartition("/")[0], args.endpoint)
+    snapshot = RepoSnapshot.open(args.target, access)
+    bar = bytes_bar("verifying") if sys.stderr.isatty() else None
+    if bar is not None:
+        bar.total = snapshot.bytes_to_verify
+    try:
+        problems = list(snapshot.verify(bar.update if bar is not None else lambda n: None))
+    finally:
+        if bar is not None:
+            bar.close()
+    for problem in problems:
+        print(f"bad: {problem}")
+    if problems:
+        print(f"verify: FAILED: {len(problems)} bad chunk(s) in {snapshot.top}")
+        return EXIT_INCOMPLETE
+    size = format_bytes(snapshot.bytes_to_verify)
+    when = snapshot.record.point_in_time
+    print(f"verify: ok: {snapshot.top}, {size} checked, point in time {when}")
     return EXIT_OK
 
 
