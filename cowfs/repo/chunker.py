@@ -80,6 +80,7 @@ class RepoTarget:
         self._hashes: list[bytes | None] = []
         self._ready: deque[int] = deque()
         self._pending = 0
+        self._uploading = 0
         self.spooled = 0
         self.error: str | None = None
         self.new_chunks = 0
@@ -154,12 +155,15 @@ class RepoTarget:
     # -- clusters in -------------------------------------------------------------------
 
     def admit(self, length: int) -> None:
-        """Blocking, the copier's: wait while the spool is over half full, so that
-        copy-before-write always finds room."""
+        """Blocking, the copier's: wait while the spool is over half full and uploads
+        are under way, so that copy-before-write finds room. With none under way only
+        the copier can complete the chunks that fill it: it goes on."""
         with self._cond:
             while self.spooled + length > self.spool_size // 2:
                 if self.error or self._closing:
                     return  # the write that follows fails with the reason
+                if not self._ready and not self._uploading:
+                    return  # only copying completes the chunks that fill the spool
                 self._cond.wait()
 
     def write(self, offset: int, data: memoryview) -> None:
@@ -212,6 +216,7 @@ class RepoTarget:
                 if self._closing:
                     return
                 i = self._ready.popleft()
+                self._uploading += 1
             try:
                 digest = self._store_chunk(i)
             except (RepoError, OSError) as e:
@@ -219,9 +224,11 @@ class RepoTarget:
                 log.error("upload of chunk %d failed: %s", i, reason)
                 with self._cond:
                     self.error = self.error or f"uploading to {self.repo.url}: {reason}"
+                    self._uploading -= 1
                     self._cond.notify_all()
                 continue
             with self._cond:
+                self._uploading -= 1
                 self._hashes[i] = digest
                 self.spooled -= self._spooled_of[i]
                 self._pending -= 1

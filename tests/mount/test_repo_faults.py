@@ -141,3 +141,32 @@ def test_a_damaged_answer_is_found_by_restore_not_trusted(setup, tmp_path):
     assert "chunk damaged" in done.stdout, done.stdout
     info = cli.cowfs("info", dest)
     assert info.returncode == 1 and info.stdout.startswith("failed"), info.stdout
+
+
+def test_a_full_spool_fails_the_job_never_the_guest(setup, tmp_path):
+    """Uploads stall (each PUT held 3 s) while the guest writes all over the image:
+    copy-before-write fills the 2 MiB spool with chunks it cannot complete, and the job
+    fails with that reason; every guest write succeeds and reads back; no snapshot."""
+    m, proxy, cli, url = setup
+    proxy.delay(3, methods={"PUT"}, path_contains="/chunks/")
+    patient = Cli(env=(cli.env or {}) | {"COWFS_S3_TIMEOUT": "30"})  # slow, not failing
+    started = patient.cowfs(
+        "backup", m.mountpoint, "--repo", url, "--bitmap", "nightly", "--spool-size", "2M"
+    )
+    assert started.returncode == 0, started.stderr
+    offsets = [n * MiB + k * 128 * 1024 for n in range(SIZE // MiB) for k in range(8)]
+    data = {offset: os.urandom(8192) for offset in offsets}
+    fd = os.open(m.live, os.O_RDWR)
+    try:
+        for offset, chunk in data.items():
+            assert os.pwrite(fd, chunk, offset) == len(chunk)
+        for offset, chunk in data.items():
+            assert os.pread(fd, len(chunk), offset) == chunk
+    finally:
+        os.close(fd)
+    proxy.heal()
+    waited = cli.cowfs("finish", m.mountpoint)
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    assert "no snapshot" in waited.stdout, waited.stdout
+    assert snapshots(cli, url) == []
+    assert "spool is full" in m.log_tail(), m.log_tail()
