@@ -297,8 +297,8 @@ class Job:
             return False
         try:  # durable, and the checksums (or a repository's index) beside it
             self.sums_sha256 = await trio.to_thread.run_sync(self.target.seal, self.copy.sums)
-        except OSError as e:
-            self.fail(f"making the target durable: {e}")
+        except OSError as e:  # the target's reason: fsync, checksums, an upload
+            self.fail(e.strerror or str(e))
             return False
         return True
 

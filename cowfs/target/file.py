@@ -37,8 +37,14 @@ class FileTarget:
     def seal(self, sums: Checksums) -> str | None:
         """Blocking, once everything is written: the target durable, then its checksum
         file; returns that file's SHA-256 for the record."""
-        self.fsync()
-        return sums.save(sums_path(self.path))
+        try:
+            self.fsync()
+        except OSError as e:
+            raise OSError(e.errno, f"fsync of the target: {e.strerror}") from e
+        try:
+            return sums.save(sums_path(self.path))
+        except OSError as e:
+            raise OSError(e.errno, f"writing the checksums: {e.strerror}") from e
 
     def write_record(self, record: Record, reserve: bool) -> None:
         write_record(record_path(self.path), record, reserve)
