@@ -9,6 +9,7 @@ kept, so the restore's cluster-sized reads cost one GET per chunk.
 """
 
 import concurrent.futures
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -21,9 +22,14 @@ from .format import ZERO_HASH, chunk_key
 from .repository import Repository
 from .store import MissingObject, RepoError, S3Access
 
+log = logging.getLogger(__name__)
+
 READERS = 4
-KEEP = 8
-"""Chunks kept decoded: the two restore copiers and on-demand reads each touch one or two."""
+AHEAD = 4
+"""Chunks fetched ahead of a reader that goes in order (a restore's copiers): S3's
+latency hides behind several GETs in flight."""
+KEEP = 16
+"""Chunks kept decoded: the read-ahead's, and those the copiers and on-demand reads use."""
 
 
 def is_snapshot(source: str) -> bool:
@@ -52,6 +58,7 @@ class RepoSnapshot:
         self._lock = threading.Lock()
         self._kept: OrderedDict[int, bytes] = OrderedDict()
         self._fetching: dict[int, threading.Event] = {}
+        self._ahead = concurrent.futures.ThreadPoolExecutor(AHEAD, "read-ahead")
 
     @classmethod
     def open(cls, source: str, access: S3Access | None) -> "RepoSnapshot":
@@ -82,18 +89,26 @@ class RepoSnapshot:
         return out
 
     def chunk(self, i: int) -> bytes:
-        """Chunk `i`, fetched once however many readers want it at the same time."""
+        """Chunk `i`, fetched once however many readers want it at the same time. A
+        reader going through the image in order gets the next chunks fetched ahead."""
         while True:
             with self._lock:
+                sequential = i - 1 in self._kept
                 data = self._kept.get(i)
                 if data is not None:
                     self._kept.move_to_end(i)
-                    return data
+                    break
                 waiting = self._fetching.get(i)
                 if waiting is None:
                     self._fetching[i] = threading.Event()
                     break
-            waiting.wait()
+            waiting.wait()  # then kept, or (a read-ahead failed) ours to fetch
+        if sequential:
+            self._read_ahead(i)
+        return data if data is not None else self._load(i)
+
+    def _load(self, i: int) -> bytes:
+        """Fetch chunk `i` (its fetching event is ours) and keep it."""
         try:
             data = self._fetch(i)
             with self._lock:
@@ -104,6 +119,21 @@ class RepoSnapshot:
         finally:
             with self._lock:
                 self._fetching.pop(i).set()
+
+    def _read_ahead(self, i: int) -> None:
+        hashes = self.index.hashes
+        for j in range(i + 1, min(i + 1 + AHEAD, len(hashes))):
+            with self._lock:
+                if hashes[j] == ZERO_HASH or j in self._kept or j in self._fetching:
+                    continue
+                self._fetching[j] = threading.Event()
+            self._ahead.submit(self._load_ahead, j)
+
+    def _load_ahead(self, j: int) -> None:
+        try:
+            self._load(j)
+        except (CorruptCluster, RepoError) as e:  # the reader that needs it fetches it
+            log.debug("read-ahead of chunk %d: %s", j, e)  # again and reports the error
 
     def _fetch(self, i: int) -> bytes:
         digest = self.index.hashes[i]
@@ -139,5 +169,6 @@ class RepoSnapshot:
                     yield problem
 
     def close(self) -> None:
+        self._ahead.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._kept.clear()
