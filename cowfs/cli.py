@@ -516,7 +516,7 @@ def _release(args: argparse.Namespace) -> int:
 def _cancel(args: argparse.Namespace) -> int:
     st = send_command(args.mountpoint, "cancel", job=args.job)
     job_id = args.job if args.job is not None else max(job["id"] for job in st["jobs"])
-    targets = [job["target"] for job in st["jobs"] if job["id"] == job_id]
+    jobs = [job for job in st["jobs"] if job["id"] == job_id]
     try:
         with contextlib.suppress(CowfsError):  # the daemon went away: its mount's job
             _wait_for_job(args.mountpoint, job_id)
@@ -524,8 +524,11 @@ def _cancel(args: argparse.Namespace) -> int:
             _wait_for_exit(Path(st["mountpoint"]), st)
     except KeyboardInterrupt:
         return _interrupted(args.mountpoint, st)
-    for target in targets:
-        _print_record(read_record(Path(target)))
+    for job in jobs:
+        if job["format"] == "repo":  # a repository's job leaves a snapshot or nothing
+            print(f"cancelled: {job['image']}: no snapshot in {job['target'].rpartition('/')[0]}")
+        else:
+            _print_record(read_record(Path(job["target"])))
     return EXIT_OK
 
 

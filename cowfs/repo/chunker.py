@@ -244,13 +244,14 @@ class RepoTarget:
             digest = ZERO_HASH
         else:
             digest = hashlib.sha256(data).digest()
-            with self._cond:
-                upload = digest not in self._known or digest in self._bad
-            if upload:  # known only once uploaded: a failed upload must not be trusted later
-                stored = self.repo.put_chunk(digest, data)
+            if self._known.claim(digest, bad=digest in self._bad):
+                stored = 0
+                try:  # held only once uploaded: a failed upload is never trusted later
+                    stored = self.repo.put_chunk(digest, data)
+                finally:
+                    self._known.uploaded(digest, ok=stored > 0)
                 with self._cond:
-                    self._known.add(digest)
-                    self._bad.discard(digest)
+                    self._bad.discard(digest)  # uploaded again: good from now on
                     self.new_chunks += 1
                     self.new_bytes += stored
                     self._uploaded.append(digest)

@@ -42,8 +42,46 @@ from .format import (
 )
 from .store import MissingObject, ObjectInfo, RepoError, S3Access, Store, open_store
 
-_KNOWN: dict[str, tuple[int, set[bytes]]] = {}
-_KNOWN_LOCK = threading.Lock()
+
+class ChunkLedger:
+    """The chunks a process knows a repository holds, and those being uploaded now:
+    shared by every backup into it, so that a chunk two images of one job hold is
+    uploaded once, and a chunk counts as held only once its upload succeeded."""
+
+    def __init__(self, known: set[bytes]) -> None:
+        self._known = known
+        self._lock = threading.Lock()
+        self._uploading: dict[bytes, threading.Event] = {}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._known
+
+    def claim(self, digest: bytes, bad: bool) -> bool:
+        """True: the caller uploads the chunk, then calls `uploaded`. False: the
+        repository holds it (after waiting for anyone uploading it right now). A chunk
+        the caller knows `bad` is always its to upload again."""
+        while True:
+            with self._lock:
+                if digest in self._known and not bad:
+                    return False
+                busy = self._uploading.get(digest)
+                if busy is None:
+                    self._uploading[digest] = threading.Event()
+                    return True
+            busy.wait()
+
+    def uploaded(self, digest: bytes, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._known.add(digest)
+            self._uploading.pop(digest).set()
+
+
+_LEDGERS: dict[str, tuple[int, ChunkLedger]] = {}
+_LEDGERS_LOCK = threading.Lock()
 
 STALE_LOCK = timedelta(minutes=10)
 """A lock not renewed for this long is a dead holder's (backups renew every minute)."""
@@ -203,19 +241,19 @@ class Repository:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return base / "cowfs" / f"known-{self.id}"
 
-    def known_chunks(self) -> set[bytes]:
+    def known_chunks(self) -> ChunkLedger:
         """Chunks the repository holds, from the local cache; rebuilt from every index
         when the cache is missing or older than the newest gc (which may have deleted
         what it lists). One set per repository in a process, shared by its backups, so
         that two images of one job upload a chunk they share once."""
         generation = self.generation()
-        with _KNOWN_LOCK:
-            shared = _KNOWN.get(self.id)
+        with _LEDGERS_LOCK:
+            shared = _LEDGERS.get(self.id)
             if shared is not None and shared[0] == generation:
                 return shared[1]
-            known = self._load_known(generation)
-            _KNOWN[self.id] = (generation, known)
-            return known
+            ledger = ChunkLedger(self._load_known(generation))
+            _LEDGERS[self.id] = (generation, ledger)
+            return ledger
 
     def _load_known(self, generation: int) -> set[bytes]:
         path = self.cache_path()
