@@ -22,6 +22,7 @@ from .harness import MiB
 from .phases.backups import RSS_LIMIT_MIB
 from .phases.barrier import BARRIER_GOAL_MS
 from .phases.chain import LIVE_READS
+from .phases.repo import DAILIES, DAILY_PCT
 
 Row = tuple[str, str, str, str, str]
 """(label, cowfs key, reference key, unit, floor on the ratio): one line of the table."""
@@ -139,6 +140,35 @@ ROWS: list[tuple[str, list[Row]]] = [
          "MiB", ""),
         ("(k) {p} crash after 2 saves", "k.{p}.quiet.recovered_mib",
          "k.{p}.quiet.truly_dirty_mib", "MiB", ""),
+    ]),
+    ("", [
+        ("(l) full: repo vs qcow2", "l.full.repo.cli_s", "l.full.qcow2.cli_plus_fsync_s", "s",
+         ""),
+        ("(l) full job: repo vs qcow2", "l.full.repo.job_s", "l.full.qcow2.job_plus_fsync_s",
+         "s", ""),
+        ("(l) full: repo vs QEMU qcow2 job", "l.full.repo.cli_s",
+         "l.qemu.nowriter.job_plus_fsync_s", "s", ""),
+        ("(l) full: qcow2 vs QEMU qcow2 job", "l.full.qcow2.cli_plus_fsync_s",
+         "l.qemu.nowriter.job_plus_fsync_s", "s", ""),
+        ("(l) full: uploaded vs qcow2 file", "l.full.repo.new_mib", "l.full.qcow2.alloc_mib",
+         "MiB", ""),
+    ]),
+    ("dirty", [
+        ("(l) {p} inc: repo vs qcow2", "l.inc.{p}.repo.cli_s",
+         "l.inc.{p}.qcow2.cli_plus_fsync_s", "s", ""),
+        ("(l) {p} inc: uploaded vs qcow2", "l.inc.{p}.repo.new_mib",
+         "l.inc.{p}.qcow2.alloc_mib", "MiB", ""),
+        ("(l) {p} inc: uploaded vs dirty", "l.inc.{p}.repo.new_mib", "l.inc.{p}.dirty_mib",
+         "MiB", ""),
+    ]),
+    ("", [
+        ("(l) 10 dailies: inc time (median)", "l.daily.repo_s", "l.daily.qcow2_s", "s", ""),
+        ("(l) 10 dailies: stored vs chain", "l.daily.repo_stored_mib",
+         "l.daily.chain_alloc_mib", "MiB", ""),
+        ("(l) all: bucket chunks vs chain", "l.stored.bucket_mib", "l.stored.chain_mib", "MiB",
+         ""),
+        ("(l) restore: repo vs qcow2 chain", "l.restore.repo.mib_s", "l.restore.chain.mib_s",
+         "MiB/s", ""),
     ]),
 ]  # fmt: skip
 """The table in order, in groups: once ("") or once per block size ("bs": {bs} is its bytes,
@@ -315,5 +345,15 @@ def legend(reps: list[dict[str, Any]], args: argparse.Namespace) -> None:
             "(k) writes through an idle mount with a bitmap (intent records, saves) vs none; "
             "crash = the bitmap recovered after kill -9 vs the daemon's precise one"
         )
+    if "l" in args.phases:
+        print(
+            "(l) one running mount, a bitmap per side: backup --repo s3://… on radosgw "
+            "(memstore, 4M chunks) --wait vs --target qcow2 --wait (+fsync); uploaded = "
+            "new_bytes of `repo list`, qcow2 = allocated (st_blocks); dailies: "
+            f"{DAILIES} x {DAILY_PCT:g}% random 64K writes, chunk objects they added vs "
+            "their qcow2 links; restore raw (+fsync) of the newest snapshot vs the chain's top"
+        )
+        links = [r["l"]["restore"]["chain_links"] for r in reps if "l" in r]
+        print(f"(l) qcow2 chain links at the restore: {links}")
     print("ratio = cowfs / reference: higher is better for MiB/s, lower for us, ms, s and MiB")
     print("spread = lowest-highest of the per-repetition ratios")

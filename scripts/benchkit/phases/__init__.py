@@ -1,4 +1,4 @@
-"""The phases (a)-(k) of a repetition, as a table of functions, and the order they run in.
+"""The phases (a)-(l) of a repetition, as a table of functions, and the order they run in.
 
 Each phase is one function `(bench, repetition, item) -> result` in `TABLE`, where item
 is the block size (`--bs`) or dirty percentage (`--dirty`) of one step for the phases
@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from ..workspace import Bench
-from . import backups, barrier, chain, tracking, views, writes
+from . import backups, barrier, chain, repo, tracking, views, writes
 
 Phase = Callable[[Bench, int, Any], dict[str, Any]]
 
@@ -31,6 +31,7 @@ TABLE: dict[str, Phase] = {
     "i": views.view_read,
     "j": chain.checksummed_chain,
     "k": tracking.tracking_and_crash,
+    "l": repo.repo_vs_qcow2,
 }
 PHASES = "".join(TABLE)
 
