@@ -273,7 +273,6 @@ EOF
 export AWS_ACCESS_KEY_ID=$access_key
 export AWS_SECRET_ACCESS_KEY=$secret_key
 export AWS_DEFAULT_REGION=$region
-export COWFS_S3_ENDPOINT=$endpoint
 export AWS_ENDPOINT_URL=$endpoint
 EOF
     cat "$dir/env"

@@ -184,7 +184,8 @@ class S3Store:
                 return RepoError(f"{doing} {where}: no bucket {self.bucket!r} on the endpoint")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
                 return RepoError(f"{doing} {where}: access denied ({code}): check the credentials")
-            return RepoError(f"{doing} {where}: {code or status} after retries")
+            retried = " after retries" if isinstance(status, int) and status >= 500 else ""
+            return RepoError(f"{doing} {where}: {code or status}{retried}")
         return RepoError(f"{doing} {where}: {e}")
 
 

@@ -45,7 +45,6 @@ class Endpoint:
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": self.region,
-            "COWFS_S3_ENDPOINT": self.url,
             "AWS_ENDPOINT_URL": self.url,
         }
 
@@ -102,7 +101,7 @@ def start(
         )
     printed = parse_exports(result.stdout)
     return Endpoint(
-        url=printed["COWFS_S3_ENDPOINT"],
+        url=printed["AWS_ENDPOINT_URL"],
         access_key=printed["AWS_ACCESS_KEY_ID"],
         secret_key=printed["AWS_SECRET_ACCESS_KEY"],
         region=printed["AWS_DEFAULT_REGION"],

@@ -284,7 +284,7 @@ def radosgw(where: Path, image_size: int) -> Iterator[str]:
             if line.startswith("export ")
         )
         with patched_env(exported):
-            yield exported["COWFS_S3_ENDPOINT"]
+            yield exported["AWS_ENDPOINT_URL"]
     finally:
         stop = subprocess.run(["bash", str(RADOSGW), "stop", str(where)], capture_output=True,
                               text=True, check=False)  # fmt: skip
