@@ -86,9 +86,15 @@ Per repetition (medians over `--repeat`):
       bitmap (`cowfs bitmap list` after the crash) against the clusters truly written
       (the daemon's own bitmap just before the kill). The incremental on a running
       mount with tracking on is (h).
+  (l) a deduplicating repository on radosgw (issue 13; scripts/radosgw.sh starts a
+      throwaway one-node Ceph): on one long-lived mount, a full backup into the
+      repository vs into a local qcow2 file (and QEMU's full job for context); 1 % and
+      10 % incrementals of random 64 KiB writes into each, time and bytes uploaded vs
+      the qcow2 link's; ten daily 1 % incrementals, the bytes stored in the bucket vs
+      the qcow2 chain's; a restore from the repository vs from the chain.
 
 The table shows medians over `--repeat` and the spread (min-max) of the per-repetition
-ratios. `--phases` picks any of a-k (default all); figures of a `--py-spy` run are not
+ratios. `--phases` picks any of a-l (default all); figures of a `--py-spy` run are not
 comparable.
 
 Run as root with the project's venv:  .venv/bin/python scripts/bench.py
