@@ -14,8 +14,12 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def replace_file(
+    path: Path, data: bytes | memoryview, mode: int = 0o644, tmp: Path | None = None
+) -> None:
+    """`tmp`: the temporary file's name (default PATH.tmp): a unique one lets several
+    writers replace one file at once, the last rename winning."""
+    tmp = tmp or path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..atomic import fsync_dir
+from ..atomic import replace_file
 from ..errors import CowfsError
 
 
@@ -202,16 +202,7 @@ class DirStore:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            replace_file(path, data, tmp=tmp)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise RepoError(f"writing {path}: {e.strerror}") from None
