@@ -6,11 +6,11 @@ a test) can read a repository with this module alone.
 
 import hashlib
 import json
-import re
 import struct
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import zstandard
 
@@ -36,7 +36,6 @@ INDEX_MAGIC = b"CWINDEX1"
 INDEX_HEADER = struct.Struct("<8sIIQQ")
 """Magic, version, chunk size, image size, chunk count."""
 
-_NAME = re.compile(r"[A-Za-z0-9._+-]+")
 _TIME = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -55,7 +54,9 @@ def digest_of_key(key: str) -> bytes | None:
 
 
 def snapshot_key(image: str, stamp: str, suffix: str) -> str:
-    return f"{SNAPSHOT_PREFIX}{image}/{stamp}{suffix}"
+    """The image's name is percent-encoded (all but letters, digits and `_.-~`): any file
+    name, spaces and UTF-8 included, is one safe key part on S3 and on a file system."""
+    return f"{SNAPSHOT_PREFIX}{quote(image, safe='')}/{stamp}{suffix}"
 
 
 def lock_key(job: str) -> str:
@@ -63,9 +64,9 @@ def lock_key(job: str) -> str:
 
 
 def check_image_name(name: str) -> str:
-    """Image names become key parts: one plain file name, no `@` (it ends the name)."""
-    if not _NAME.fullmatch(name) or name in (".", ".."):
-        raise RepoError(f"image name {name!r} cannot name snapshots (letters, digits, ._+-)")
+    """An image's name is a file name: not empty, no `/` (snapshots are REPO/IMAGE@TIME)."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise RepoError(f"image name {name!r} cannot name snapshots")
     return name
 
 

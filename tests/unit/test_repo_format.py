@@ -21,6 +21,7 @@ from cowfs.repo.format import (
     chunk_key,
     decode_chunk,
     encode_chunk,
+    snapshot_key,
     split_snapshot,
     stamp_of,
 )
@@ -78,6 +79,10 @@ def test_snapshot_names():
     for bad in ("vda.img", "@x", "a/b@x", "vda@"):
         with pytest.raises(RepoError):
             split_snapshot(bad)
+    # any file name: spaces, UTF-8 and `@` too, percent-encoded in keys only
+    assert split_snapshot("my disk é@1.img@T") == ("my disk é@1.img", "T")
+    key = snapshot_key("my disk é@1.img", "T", ".json")
+    assert key == "snapshots/my%20disk%20%C3%A9%401.img/T.json"
 
 
 def _manifest(image: str, when: datetime) -> Manifest:
