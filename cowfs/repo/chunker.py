@@ -85,6 +85,8 @@ class RepoTarget:
         self.error: str | None = None
         self.new_chunks = 0
         self.new_bytes = 0
+        self.new_data = 0
+        """Bytes of the chunks this backup uploaded, before compression."""
         self.zero_chunks = 0
         self._uploaded: list[bytes] = []
         self._closing = False
@@ -253,6 +255,7 @@ class RepoTarget:
                 with self._cond:
                     self._bad.discard(digest)  # uploaded again: good from now on
                     self.new_chunks += 1
+                    self.new_data += length
                     self.new_bytes += stored
                     self._uploaded.append(digest)
         if self._spooled_of[i]:
@@ -304,6 +307,8 @@ class RepoTarget:
         if self.repo.has_snapshot(self.image, self.stamp):  # a snapshot of the same second
             self.stamp = stamp_of(datetime.fromisoformat(record.point_in_time), True)
         record.target = self.name
+        hashes = self.index.hashes
+        data_bytes = sum(self.index.extent(i)[1] for i, h in enumerate(hashes) if h != ZERO_HASH)
         manifest = Manifest(
             image=self.image,
             snapshot=f"{self.image}@{self.stamp}",
@@ -318,9 +323,8 @@ class RepoTarget:
             zero_chunks=sum(1 for h in self.index.hashes if h == ZERO_HASH),
             new_chunks=self.new_chunks,
             new_bytes=self.new_bytes,
-            data_bytes=sum(
-                self.index.extent(i)[1] for i, h in enumerate(self.index.hashes) if h != ZERO_HASH
-            ),
+            data_bytes=data_bytes,
+            shared_bytes=data_bytes - self.new_data,
             record=asdict(record),
         )
         self.repo.put_snapshot(manifest, self.index)

@@ -176,7 +176,7 @@ def _list(repo: Any, args: argparse.Namespace) -> int:
     if args.json:
         rows = [
             {k: getattr(m, k) for k in ("snapshot", "size", "point_in_time", "parent")}
-            | {"new_bytes": m.new_bytes, "data_bytes": m.data_bytes, "chunks": m.chunks}
+            | {k: getattr(m, k) for k in ("new_bytes", "data_bytes", "shared_bytes", "chunks")}
             for m in manifests
         ]
         print(json.dumps(rows, indent=2))
@@ -185,8 +185,8 @@ def _list(repo: Any, args: argparse.Namespace) -> int:
         kind = "incremental" if m.parent else "full"
         print(
             f"{m.snapshot}  {format_bytes(m.size)}  {kind}  data {format_bytes(m.data_bytes)}"
-            f"  new {format_bytes(m.new_bytes)} ({m.new_chunks} chunks)"
-            f"  shared {m.chunks - m.zero_chunks - m.new_chunks} chunks"
+            f"  new {format_bytes(m.new_bytes)} stored ({m.new_chunks} chunks)"
+            f"  shared {format_bytes(m.shared_bytes)}"
         )
     stored = sum(info.size for info in repo.chunk_infos())
     print(f"{len(manifests)} snapshot(s); chunks stored: {format_bytes(stored)}")

@@ -187,6 +187,8 @@ class Manifest:
     """Bytes of the chunk objects this snapshot's backup uploaded (compressed)."""
     data_bytes: int
     """Bytes of the image in chunks that are not all zero."""
+    shared_bytes: int = 0
+    """Of those, the bytes in chunks the repository held already (not uploaded)."""
     record: dict[str, Any] = field(default_factory=dict)
     status: str = "complete"
     format: str = "cowfs-snapshot"
