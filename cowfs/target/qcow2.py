@@ -23,9 +23,10 @@ import re
 import struct
 import sys
 import threading
-import zlib
 from array import array
 from pathlib import Path
+
+from zlib_ng import zlib_ng
 
 from ..errors import CowfsError
 from .file import FileTarget
@@ -87,7 +88,11 @@ def _extension(kind: int, data: bytes) -> bytes:
 
 
 def _deflate(cluster: bytes | memoryview) -> bytes:
-    c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, DEFLATE_WBITS, DEFLATE_MEMLEVEL)
+    """Raw deflate, as QEMU writes and reads it, by zlib-ng: 2-3x zlib's speed at the
+    same level (the compressed backup was CPU-bound), any inflate reads it."""
+    c = zlib_ng.compressobj(
+        zlib_ng.Z_DEFAULT_COMPRESSION, zlib_ng.DEFLATED, DEFLATE_WBITS, DEFLATE_MEMLEVEL
+    )
     return c.compress(cluster) + c.flush()
 
 
@@ -239,7 +244,7 @@ class Qcow2Target(FileTarget):
                 blob = read_exactly(
                     self.fd, host, host // SECTOR * SECTOR + sectors * SECTOR - host
                 )
-                out += zlib.decompressobj(DEFLATE_WBITS).decompress(blob, cs)
+                out += zlib_ng.decompressobj(DEFLATE_WBITS).decompress(blob, cs)
             elif entry & ZERO or not entry & OFFSET_MASK:
                 out += bytes(cs)
             else:

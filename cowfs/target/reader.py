@@ -13,10 +13,12 @@ used twice, refcounts equal to the references. Reads images QEMU wrote too (afte
 import functools
 import os
 import struct
-import zlib
 from array import array
 from collections import Counter
 from pathlib import Path
+from typing import cast
+
+from zlib_ng import zlib_ng
 
 from ..errors import CowfsError
 from .qcow2 import (
@@ -32,6 +34,8 @@ from .qcow2 import (
     ZERO,
 )
 from .raw import read_exactly
+
+INFLATE_ERROR = cast(type[Exception], zlib_ng.error)  # its stub calls it an instance
 
 INCOMPATIBLE_DIRTY = 1 << 0
 INCOMPATIBLE_CORRUPT = 1 << 1
@@ -253,10 +257,10 @@ class Qcow2Link:
         host, size = self._compressed(entry)
         self._need(host, 1, "a compressed cluster", aligned=False)  # its size is a bound
         try:
-            data = zlib.decompressobj(DEFLATE_WBITS).decompress(
+            data = zlib_ng.decompressobj(DEFLATE_WBITS).decompress(
                 read_exactly(self.fd, host, size), cs
             )
-        except zlib.error as e:
+        except INFLATE_ERROR as e:
             raise self._bad(f"compressed cluster at {host}: {e}") from None
         return data + _zeros(cs - len(data))
 
