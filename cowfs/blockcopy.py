@@ -16,7 +16,7 @@ from bitarray import bitarray
 
 from .locks import ClusterClaims
 from .ratelimit import RateLimiter
-from .sums import Checksums, Recording
+from .sums import Checksums, Recording, Writer
 from .target import Target
 from .transfer import copy_range
 
@@ -41,8 +41,9 @@ class BlockCopy:
         """The source's size at the point in time."""
         self.done = bitarray()
         self.sums = Checksums(0, cluster_size)
-        """What each cluster put in the target reads as (sums.py), recorded as it is written."""
-        self.writer = Recording(target, self.sums)
+        """What each cluster put in the target reads as (sums.py), recorded as it is written
+        (for targets that keep a checksum file: a repository names chunks by their hash)."""
+        self.writer: Writer = target
         self.claims = ClusterClaims()
         self.limiter = RateLimiter(speed)
         self.bytes_copier = 0
@@ -57,7 +58,8 @@ class BlockCopy:
         self.size = size
         self.done = done
         self.sums = Checksums(size, self.cluster_size)
-        self.writer = Recording(self.target, self.sums)
+        if self.target.checksummed:
+            self.writer = Recording(self.target, self.sums)
 
     def extent(self, first: int, count: int) -> tuple[int, int]:
         """Byte offset and length of clusters first..first+count-1 (the last may be partial)."""

@@ -49,6 +49,8 @@ class RepoTarget:
 
     format = "repo"
     backing: Path | None = None
+    checksummed = False
+    """Chunks are named by their SHA-256: no per-cluster checksums to keep."""
 
     def __init__(
         self,

@@ -21,6 +21,8 @@ class Target(Protocol):
     fd: int
     format: str
     backing: Path | None
+    checksummed: bool
+    """Whether the job records each cluster's checksum for it (sums.py)."""
 
     @property
     def name(self) -> str: ...

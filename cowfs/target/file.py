@@ -16,6 +16,8 @@ from ..sums import Checksums, sums_path
 
 class FileTarget:
     path: Path
+    checksummed = True
+    """Its checksum file is how verify and restore check it."""
 
     @property
     def name(self) -> str:
