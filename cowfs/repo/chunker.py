@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bitarray import bitarray
-from bitarray.util import zeros
+from bitarray.util import intervals, zeros
 
 from ..record import Record
 from ..sums import Checksums
@@ -42,6 +42,17 @@ log = logging.getLogger(__name__)
 UPLOADERS = 4
 """Upload threads: hashing and zstd release the GIL, and S3 latency hides behind four."""
 DEFAULT_SPOOL_SIZE = 1 << 30
+
+
+def chunks_holding(clusters: bitarray, per: int) -> set[int]:
+    """The chunks (of `per` clusters) that hold a set bit. Walks runs of bits, not chunks:
+    `needs` and `begin` run under the barrier, while guest writes wait (a 1 TiB image
+    took 0.11 s chunk by chunk)."""
+    out: set[int] = set()
+    for value, start, stop in intervals(clusters):
+        if value:
+            out.update(range(start // per, (stop - 1) // per + 1))
+    return out
 
 
 class RepoTarget:
@@ -122,7 +133,7 @@ class RepoTarget:
         out = zeros(count)
         known = min(count, len(clusters))
         out[:known] = clusters[:known]
-        chunks = {i for i in range(-(-count // per)) if out[i * per : (i + 1) * per].any()}
+        chunks = chunks_holding(out, per)
         if self.parent is not None:
             index = self.parent[1]
             if index.size != size:
@@ -140,9 +151,8 @@ class RepoTarget:
         self.size = size
         os.ftruncate(self.fd, size)
         self._expected = [0] * count
-        for i in range(count):
-            if needed[i * per : (i + 1) * per].any():
-                self._expected[i] = min(self.chunk_size, size - i * self.chunk_size)
+        for i in chunks_holding(needed, per):
+            self._expected[i] = min(self.chunk_size, size - i * self.chunk_size)
         self._filled = [0] * count
         self._spooled_of = [0] * count
         self._hashes = [None] * count

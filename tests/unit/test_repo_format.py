@@ -173,3 +173,19 @@ def test_a_dead_backups_lock_does_not_stop_gc(repo):
     lock.write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 7, "started": "x"}))
     gc(repo, timedelta(0))
     assert not lock.exists()
+
+
+def test_chunks_holding_equals_chunk_by_chunk():
+    """The run-walking count under the barrier gives what checking each chunk gives."""
+    import random
+
+    from bitarray import bitarray
+
+    from cowfs.repo.chunker import chunks_holding
+
+    rng = random.Random(5)
+    for _ in range(200):
+        n, per = rng.randrange(1, 300), rng.choice([1, 2, 4, 16, 64])
+        bits = bitarray([rng.random() < rng.choice([0.01, 0.2, 0.9]) for _ in range(n)])
+        slow = {i for i in range(-(-n // per)) if bits[i * per : (i + 1) * per].any()}
+        assert chunks_holding(bits, per) == slow
