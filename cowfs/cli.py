@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     _job_options(m)
     m.add_argument("--allow-other", action="store_true", help="let other users reach the live file")
     m.add_argument(
+        "--writeback-cache",
+        action="store_true",
+        help="let the kernel cache buffered writes: faster for buffered writers, but a daemon "
+        "that dies loses the writes it had not received (fsync through the mount still makes "
+        "them durable)",
+    )
+    m.add_argument(
         "--intent-region",
         default="64M",
         metavar="SIZE",
@@ -259,6 +266,7 @@ def _mount(args: argparse.Namespace) -> int:
         mountpoint=mountpoint,
         first=first,
         allow_other=args.allow_other,
+        writeback_cache=args.writeback_cache,
         intent_region=_intent_region(args.intent_region),
         save_period=_save_period(args.save_period),
         foreground=args.foreground,

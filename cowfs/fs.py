@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from . import fileattrs, viewtree
+from .barrier import Fence
 from .busypoll import BusyPoller
 from .disk import Disk
 from .registry import Registry
@@ -99,8 +100,9 @@ def _boundary(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
 class LiveFS(pyfuse3.Operations):
     """A directory of nodes; the images' writes copy old clusters first."""
 
-    def __init__(self, registry: Registry, poller: BusyPoller) -> None:
+    def __init__(self, registry: Registry, poller: BusyPoller, writeback_cache: bool) -> None:
         super().__init__()
+        self.enable_writeback_cache = writeback_cache
         self.registry = registry
         self.poller = poller
         self.nodes = {
@@ -111,6 +113,8 @@ class LiveFS(pyfuse3.Operations):
         self.created_ns = time.time_ns()
         self.views = ViewTree(registry.views, self.created_ns)
         self.handles: dict[int, ImageNode | ViewFile] = {}
+        self.fences: dict[int, Fence] = {}
+        """Handles the barrier opened to fence the kernel's cache: their fsync waits."""
         self.next_fh = 1
 
     def _node(self, inode: int) -> ImageNode:
@@ -188,6 +192,9 @@ class LiveFS(pyfuse3.Operations):
         fh = self.next_fh
         self.next_fh += 1
         self.handles[fh] = handle
+        fence = self.registry.barrier.fence_of(ctx.pid)
+        if fence is not None:
+            self.fences[fh] = fence
         # A view bypasses the page cache: what a reader got must never outlive what the
         # view may still serve (a released range, a failed job: EIO).
         return pyfuse3.FileInfo(fh=fh, direct_io=isinstance(handle, ViewFile))
@@ -205,7 +212,9 @@ class LiveFS(pyfuse3.Operations):
     @_boundary
     async def fsync(self, fh, datasync):
         handle = self.handles[fh]
-        if isinstance(handle, ImageNode):
+        if fh in self.fences:
+            await self.fences[fh].reached()
+        elif isinstance(handle, ImageNode):
             await handle.fsync(datasync)
 
     def _image_handle(self, fh: int) -> ImageNode:
@@ -221,6 +230,7 @@ class LiveFS(pyfuse3.Operations):
     @_boundary
     async def release(self, fh):
         handle = self.handles.pop(fh)
+        self.fences.pop(fh, None)
         if isinstance(handle, ViewFile):
             self.views.drop(handle)
         self.registry.open_files -= 1

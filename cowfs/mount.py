@@ -43,6 +43,9 @@ VIEWS = VIEWS_NAME.decode()
 
 log = logging.getLogger(__name__)
 
+MAX_TASKS = 99
+"""pyfuse3's default number of request tasks."""
+
 MOUNT_OPTIONS = {"fsname=cowfs", "subtype=cowfs", "auto_unmount"}
 """auto_unmount: if the daemon dies (kill -9), fusermount3 removes the mount, so no
 stale 'Transport endpoint is not connected' mount blocks the next job."""
@@ -55,6 +58,9 @@ class MountRequest:
     first: TargetRequest | None = None
     """The job of `mount --target`, started with the mount (one source only)."""
     allow_other: bool = False
+    writeback_cache: bool = False
+    """Let the kernel cache buffered writes (faster for buffered writers; a daemon that dies
+    loses what it had not sent yet, as a power cut loses a disk's cache)."""
     intent_region: int = REGION_SIZE
     save_period: float = SAVE_PERIOD_S
     foreground: bool = False
@@ -105,7 +111,8 @@ def run_mount(req: MountRequest) -> int:
             if req.allow_other:
                 options.add("allow_other")
             try:
-                pyfuse3.init(LiveFS(registry, poller), str(mountpoint), options)
+                fs = LiveFS(registry, poller, req.writeback_cache)
+                pyfuse3.init(fs, str(mountpoint), options)
             except Exception as e:  # pyfuse3 raises RuntimeError with libfuse's reason
                 raise CowfsError(f"cannot mount on {mountpoint}: {e}") from None
             undo.callback(pyfuse3.close, unmount=True)
@@ -195,7 +202,8 @@ async def _serve(
             async with trio.open_nursery() as serving:
                 serving.start_soon(_stop_serving_when, stop)
                 serving.start_soon(poller.run)
-                await pyfuse3.main()
+                # room for one held fence fsync per image besides pyfuse3's usual tasks
+                await pyfuse3.main(max_tasks=MAX_TASKS + len(registry.disks))
                 serving.cancel_scope.cancel()
         finally:
             # No request is served from here on: the sources are quiet.

@@ -111,7 +111,9 @@ class Registry:
             try:
                 for p in prepared:  # before the barrier: it holds writes, the scan does not
                     scans.append(await p.disk.scan(p.job.cluster_size))
-                async with self.barrier.hold():  # the point in time, one for all images
+                async with self.barrier.hold(
+                    [d.name for d in disks]
+                ):  # the point in time, one for all images
                     now = datetime.now(UTC)
                     for p, scan in zip(prepared, scans, strict=True):
                         backup.begin(p, now, scan)

@@ -358,25 +358,33 @@ def check_final(source: Path, image: int, initial: bytes, log: list[Write]) -> N
 
 
 @needs_qemu_img
-def test_chain_of_backups_under_two_writers(daemons: CowfsRunner, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", ["writethrough", "writeback"])
+def test_chain_of_backups_under_two_writers(
+    daemons: CowfsRunner, tmp_path: Path, cache: str
+) -> None:
     """A full backup of two images in one command (anchoring `nightly`), then two
     incrementals, each over the previous link, while an O_DIRECT writer and a buffered
     writer keep writing to the two live files through all of it, never unmounted. Every
     restored link holds, per image, a prefix of that image's writes, and the prefixes
-    keep the barrier's promises (see the module docstring)."""
+    keep the barrier's promises (see the module docstring). With `--writeback-cache`
+    both writers are buffered: the kernel holds their writes back and sends them in any
+    order, so the promises rest on the barrier's fence."""
     a = make_image(tmp_path / "a.img", SIZE, seed=1)
     b = make_image(tmp_path / "b.img", SIZE, seed=2)
     initial = {0: a.read_bytes(), 1: b.read_bytes()}
     out = tmp_path / "t"
     out.mkdir()
     mp = tmp_path / "mnt"
-    pid = daemons.serve(mp, a, b).pid
+    writeback = cache == "writeback"
+    options = ["--writeback-cache"] if writeback else []
+    pid = daemons.serve(mp, a, b, options=options).pid
     st = status(mp)
     assert [i["name"] for i in st["images"]] == ["a.img", "b.img"]
     assert st["jobs"] == [] and st["mounted"] is True
 
     links: list[tuple[int, dict[int, Path], int, int]] = []
-    with Writers([(0, mp / "a.img", True), (1, mp / "b.img", False)], seed=7) as writers:
+    plan = [(0, mp / "a.img", not writeback), (1, mp / "b.img", False)]
+    with Writers(plan, seed=7) as writers:
         writers.wait_for(200)
         for n, name in enumerate(("full", "inc1", "inc2")):
             targets = {0: out / f"{name}-a.qcow2", 1: out / f"{name}-b.qcow2"}
