@@ -92,10 +92,16 @@ Per repetition (medians over `--repeat`):
       10 % incrementals of random 64 KiB writes into each, time and bytes uploaded vs
       the qcow2 link's; ten daily 1 % incrementals, the bytes stored in the bucket vs
       the qcow2 chain's; a restore from the repository vs from the chain.
+  (m) the FUSE wall: (b)'s writes, per block size, side by side in one repetition, into
+      the plain file and through bare FUSE file systems whose write is one pwrite --
+      pyfuse3 (scripts/benchkit/wall/nullfs.py) and C libfuse3 low-level (nullfs.c, built
+      at run time; single- and multi-threaded) -- and an idle `cowfs mount`, each without
+      and with the kernel's writeback cache: how much of cowfs's gap to the plain file is
+      FUSE, how much pyfuse3, how much cowfs.
 
 The table shows medians over `--repeat` and the spread (min-max) of the per-repetition
-ratios. `--phases` picks any of a-l (default all); figures of a `--py-spy` run are not
-comparable.
+ratios. `--phases` picks any of a-m, comma-separated (default all); figures of a
+`--py-spy` run are not comparable.
 
 Run as root with the project's venv:  .venv/bin/python scripts/bench.py
 Everything lives in a private directory under `--workdir`, removed unless `--keep`.

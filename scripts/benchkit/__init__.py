@@ -12,7 +12,7 @@ data flowing one way (cli -> phases -> report):
 - `workspace`: one run's state (`Bench`): the pristine image and its copies, the
   workloads, and how a cowfs backup is timed.
 - `qemu`: QEMU's side of every comparison.
-- `phases`: the phases (a)-(k), a table of functions, and the order they run in.
+- `phases`: the phases (a)-(m), a table of functions, and the order they run in.
 - `report`: medians, spreads, the table of ratios against the floors, the checks.
 - `cli`: the options and `main`.
 """

@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
         "e.g. 0: on these VMs a FUSE round trip between two CPUs costs ~40 us more "
         "than on one, and the scheduler's choice flips run to run (default: unpinned)",
     )
-    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (default a-l)")
+    p.add_argument(
+        "--phases", default=",".join(PHASES), help="phases to run, a comma list (default all: a-m)"
+    )
     p.add_argument(
         "--dirty", default="1,10", help="(e), (h), (k): percent of the image dirty (default 1,10)"
     )

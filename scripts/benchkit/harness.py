@@ -1,7 +1,8 @@
 """The processes the bench starts and how they end: cowfs commands, mounts, writers.
 
 Owns every child of a run -- `cowfs mount` daemons (`CowfsMount`, `ServingMount`), the
-writer processes (`Writer`), py-spy -- and the teardown that leaves none of them, and no
+bare FUSE file systems of (m) (`BareMount`), the writer processes (`Writer`), py-spy --
+and the teardown that leaves none of them, and no
 mount, behind: each is a context manager whose exit always cleans up, on errors, Ctrl-C
 and SIGTERM too (the CLI turns signals into SystemExit so that every exit runs). How a
 mount starts, answers and is taken down is tests/helpers/mounting.py's, which the tests
@@ -34,6 +35,7 @@ from helpers.mounting import (
     UNMOUNT,
     Cli,
     Mounted,
+    is_mounted,
     pid_gone,
     serving_pids,
     take_down,
@@ -161,6 +163,72 @@ class ServingMount(CowfsMount):
                 wait_for(lambda: pid_gone(self.pid), 10)
         if not pid_gone(self.pid):
             super().wind_down()
+
+
+STOP_BARE = ((UNMOUNT, 10.0), (signal.SIGKILL, 10.0))
+"""A bare file system that did not go after a plain unmount: a lazy unmount, then SIGKILL."""
+BARE_START_S = 30.0
+
+
+class BareMount:
+    """A FUSE file system of the bench's own (`argv`: (m)'s nullfs, Python or C) serving
+    one file, `name`, on `mountpoint` in the foreground as this process's child, its
+    output into `log_path`. As a context manager: usable on entry -- mounted (the mount
+    table says so, the daemon is not asked) and the file visible -- and gone on exit,
+    whatever happened: `fusermount3 -u`, the daemon's loop ends and it exits; else
+    `STOP_BARE`. `clean` then says whether it went by itself with exit code 0."""
+
+    def __init__(self, argv: list[str], mountpoint: Path, name: str, log_path: Path) -> None:
+        self.argv, self.mountpoint, self.log_path = argv, mountpoint, log_path
+        self.live = mountpoint / name
+        self.p: subprocess.Popen[bytes] | None = None
+        self.clean = False
+
+    def __enter__(self) -> Self:
+        self.mountpoint.mkdir(exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.p = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            p = self.p
+            ready = wait_for(
+                lambda: (
+                    p.poll() is not None
+                    or (is_mounted(self.mountpoint, None) and self.live.exists())
+                ),
+                BARE_START_S,
+                POLL_S / 10,
+            )
+            if not ready or p.poll() is not None:
+                why = f"exit code {p.returncode}" if p.returncode is not None else "timed out"
+                tail = self.log_path.read_text(errors="replace")[-1000:]
+                raise RuntimeError(f"{self.argv[0]} did not serve {self.live} ({why}): {tail}")
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.teardown()
+
+    def teardown(self) -> None:
+        p, self.p = self.p, None
+        if p is None:
+            return
+        if p.poll() is None and is_mounted(self.mountpoint, None):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+            with suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+        # A pid still running is our unreaped child: take_down cannot signal another's.
+        alive = [p.pid] if p.poll() is None else []
+        forced = not take_down(self.mountpoint, alive, STOP_BARE, fstype=None)
+        if p.poll() is None:
+            p.kill()  # our own child, by its pid
+        p.wait()
+        self.clean = not forced and p.returncode == 0
 
 
 STOP_LIVE_RESTORE = ((signal.SIGTERM, 60.0), (signal.SIGKILL, 10.0))

@@ -178,6 +178,25 @@ ROWS: list[tuple[str, list[Row]]] = [
         ("(l) restore: repo vs qcow2 chain", "l.restore.repo.mib_s", "l.restore.chain.mib_s",
          "MiB/s", ""),
     ]),
+    ("bs", [
+        (f"(m) {{k}} {label}", f"m.{{bs}}.{mine}.writer.mib_s", f"m.{{bs}}.{ref}.writer.mib_s",
+         "MiB/s", "")
+        for label, mine, ref in [
+            ("pyfuse3 bare vs plain", "pyfuse3", "plain"),
+            ("pyfuse3 bare wb vs plain", "pyfuse3_wb", "plain"),
+            ("C libfuse vs plain", "libfuse", "plain"),
+            ("C libfuse wb vs plain", "libfuse_wb", "plain"),
+            ("C libfuse mt vs plain", "libfuse_mt", "plain"),
+            ("C libfuse mt wb vs plain", "libfuse_mt_wb", "plain"),
+            ("cowfs idle vs plain", "cowfs", "plain"),
+            ("cowfs wb vs plain", "cowfs_wb", "plain"),
+            ("pyfuse3 bare vs C libfuse", "pyfuse3", "libfuse"),
+            ("pyfuse3 wb vs C libfuse wb", "pyfuse3_wb", "libfuse_wb"),
+            ("cowfs idle vs pyfuse3 bare", "cowfs", "pyfuse3"),
+            ("cowfs wb vs pyfuse3 wb", "cowfs_wb", "pyfuse3_wb"),
+            ("cowfs wb vs C libfuse wb", "cowfs_wb", "libfuse_wb"),
+        ]
+    ]),
 ]  # fmt: skip
 """The table in order, in groups: once ("") or once per block size ("bs": {bs} is its bytes,
 {k} its KiB as "64K") or per dirty percentage ("dirty": {p} is "1%")."""
@@ -363,5 +382,12 @@ def legend(reps: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
         links = [r["l"]["restore"]["chain_links"] for r in reps if "l" in r]
         print(f"(l) qcow2 chain links at the restore: {links}")
+    if "m" in args.phases:
+        print(
+            "(m) the writer of (b), one repetition side by side, each on a fresh image: plain "
+            "file; bare = a FUSE fs whose write is one pwrite (pyfuse3: wall/nullfs.py; C "
+            "libfuse low-level: wall/nullfs.c, mt = multi-threaded loop); cowfs = idle "
+            "`cowfs mount` (no job); wb = the kernel's writeback cache"
+        )
     print("ratio = cowfs / reference: higher is better for MiB/s, lower for us, ms, s and MiB")
     print("spread = lowest-highest of the per-repetition ratios")

@@ -83,8 +83,8 @@ class Bench:
         qb.make_source_image(str(self.pristine), self.a.size, self.a.seed)
         if self.a.baseline_rev and "j" in self.a.phases:
             self.baseline = baseline_cli(self.a.baseline_rev, self.wd / "baseline")
-        if not {"a", "b", "k"} & set(self.a.phases):
-            return  # only (a), (b) and (k) check a source against its expected image
+        if not {"a", "b", "k", "m"} & set(self.a.phases):
+            return  # only (a), (b), (k) and (m) check a source against its expected image
         for bs in self.a.bs:
             self.expected[bs] = self.written(self.wd / f"expected_{bs}.raw", self.workload(bs))
 

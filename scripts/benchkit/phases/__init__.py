@@ -1,4 +1,4 @@
-"""The phases (a)-(l) of a repetition, as a table of functions, and the order they run in.
+"""The phases (a)-(m) of a repetition, as a table of functions, and the order they run in.
 
 Each phase is one function `(bench, repetition, item) -> result` in `TABLE`, where item
 is the block size (`--bs`) or dirty percentage (`--dirty`) of one step for the phases
@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from ..workspace import Bench
-from . import backups, barrier, chain, repo, tracking, views, writes
+from . import backups, barrier, chain, repo, tracking, views, wall, writes
 
 Phase = Callable[[Bench, int, Any], dict[str, Any]]
 
@@ -32,10 +32,11 @@ TABLE: dict[str, Phase] = {
     "j": chain.checksummed_chain,
     "k": tracking.tracking_and_crash,
     "l": repo.repo_vs_qcow2,
+    "m": wall.fuse_wall,
 }
 PHASES = "".join(TABLE)
 
-OVER = {"a": "bs", "b": "bs", "e": "dirty", "g": "bs", "h": "dirty"}
+OVER = {"a": "bs", "b": "bs", "e": "dirty", "g": "bs", "h": "dirty", "m": "bs"}
 """The phases that run one step per block size or per dirty percentage."""
 TOGETHER = "ab"
 """Phases that run block size by block size, one after the other ((a) 64K, (b) 64K,
