@@ -158,3 +158,13 @@ def assert_restores(link: Path, pit: Path) -> dict:
         assert not any(f.read())
     restored.unlink()
     return report
+
+
+def changed_clusters(a: Path, b: Path) -> set[int]:
+    """The clusters in which two images differ."""
+    changed = set()
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for index in range(-(-max(a.stat().st_size, b.stat().st_size) // CLUSTER)):
+            if fa.read(CLUSTER) != fb.read(CLUSTER):
+                changed.add(index)
+    return changed

@@ -52,6 +52,7 @@ from helpers.incremental import (
     assert_restores,
     bitmaps,
     bitmaps_file,
+    changed_clusters,
     snapshot,
 )
 from helpers.mounting import (
@@ -167,16 +168,6 @@ def clusters(writes: list[tuple[int, int]]) -> set[int]:
         if length:
             touched.update(range(offset // CLUSTER, (offset + length - 1) // CLUSTER + 1))
     return touched
-
-
-def changed_clusters(a: Path, b: Path) -> set[int]:
-    """The clusters in which two images differ."""
-    changed = set()
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        for index in range(-(-max(a.stat().st_size, b.stat().st_size) // CLUSTER)):
-            if fa.read(CLUSTER) != fb.read(CLUSTER):
-                changed.add(index)
-    return changed
 
 
 def dirty_clusters(source: Path) -> set[int]:

@@ -41,7 +41,6 @@ import struct
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,7 @@ from helpers.mounting import (
     unmount_released,
     wait_until,
 )
+from helpers.prefix import Write, last_writes
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 16 * MiB
@@ -192,16 +192,6 @@ def block_bytes(image: int, seq: int, block: int) -> bytes:
     return head + fill * ((BLOCK - len(head)) // 8)
 
 
-@dataclass(frozen=True, slots=True)
-class Write:
-    image: int
-    seq: int
-    block: int
-    count: int
-    issued: int  # time.monotonic_ns() just before pwrite
-    returned: int  # time.monotonic_ns() just after it
-
-
 class Writers:
     """One thread per image, writing 1-8 blocks at random aligned offsets, as fast as the
     mount takes them. Sequence numbers come from one counter under a lock, so they are
@@ -299,12 +289,7 @@ def writes_in(data: bytes, image: int, initial: bytes, log: list[Write], what: s
             assert (img, blk) == (image, k), f"{what}: block {k} holds block {blk} of image {img}"
             found.append((seq, k))
     cut = max(found)[0] if found else -1
-    last = [-1] * nblocks
-    for w in log:
-        if w.seq > cut:
-            break
-        for k in range(w.block, w.block + w.count):
-            last[k] = w.seq
+    last = last_writes(log, cut, nblocks)
     bad = []
     for k in range(nblocks):
         want = (
