@@ -273,6 +273,9 @@ class Registry:
         disk = self._disk_of.pop(job)
         if job in disk.jobs:
             disk.jobs.remove(job)
+        closing = not job.options.cbw_timeout  # with it, an abandoned copy may still write
+        if closing and job.target.closed_before_record:
+            await _close_target(job)
         recorded = True
         try:
             await trio.to_thread.run_sync(backup.write_job_record, job, False)
@@ -284,11 +287,8 @@ class Registry:
             disk.dirty.end_job(job.options.bitmap, backup.anchor(job) if complete else None)
             await disk.tracker.save()
         log.info("backup %s: %s", job.state, job.target.name)
-        if not job.options.cbw_timeout:  # with it, an abandoned copy may still write
-            try:
-                await trio.to_thread.run_sync(job.target.close)
-            except OSError as e:  # a failed job's target, e.g. on a full filesystem
-                log.warning("closing %s: %s", job.target.name, e)
+        if closing and not job.target.closed_before_record:
+            await _close_target(job)
         claim = self._claims.pop(job, None)
         if claim is not None:
             claim.release()
@@ -337,3 +337,10 @@ class Registry:
 
     def _image_of(self, job: Job) -> str:
         return Path(job.source).name
+
+
+async def _close_target(job: Job) -> None:
+    try:
+        await trio.to_thread.run_sync(job.target.close)
+    except OSError as e:  # a failed job's target, e.g. on a full filesystem
+        log.warning("closing %s: %s", job.target.name, e)

@@ -62,6 +62,7 @@ class RepoTarget:
     backing: Path | None = None
     checksummed = False
     """Chunks are named by their SHA-256: no per-cluster checksums to keep."""
+    closed_before_record = False
 
     def __init__(
         self,

@@ -23,6 +23,10 @@ class Target(Protocol):
     backing: Path | None
     checksummed: bool
     """Whether the job records each cluster's checksum for it (sums.py)."""
+    closed_before_record: bool
+    """Whether its final record is written after `close` (a file: its locks are gone by
+    the time the record says complete, so any tool may open it at once) or before (a
+    repository: the record is an object the open target puts)."""
 
     @property
     def name(self) -> str: ...

@@ -18,6 +18,7 @@ class FileTarget:
     path: Path
     checksummed = True
     """Its checksum file is how verify and restore check it."""
+    closed_before_record = True
 
     @property
     def name(self) -> str:
