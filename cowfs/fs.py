@@ -196,8 +196,12 @@ class LiveFS(pyfuse3.Operations):
         if fence is not None:
             self.fences[fh] = fence
         # A view bypasses the page cache: what a reader got must never outlive what the
-        # view may still serve (a released range, a failed job: EIO).
-        return pyfuse3.FileInfo(fh=fh, direct_io=isinstance(handle, ViewFile))
+        # view may still serve (a released range, a failed job: EIO). A fence keeps the
+        # cache: the kernel drops it on other opens, writing back dirty pages one at a
+        # time first, which held a fence for tens of milliseconds.
+        return pyfuse3.FileInfo(
+            fh=fh, direct_io=isinstance(handle, ViewFile), keep_cache=fence is not None
+        )
 
     @_boundary
     async def read(self, fh, off, size):

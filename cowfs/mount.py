@@ -89,7 +89,7 @@ def run_mount(req: MountRequest) -> int:
             claim = Claim.take("mount", mountpoint, "mountpoint")
             undo.callback(claim.release)
             preflight.check_mountpoint(mountpoint)  # again, now that no cowfs can race for it
-            barrier = Barrier(mountpoint)
+            barrier = Barrier(mountpoint, fence=req.writeback_cache)
             disks = []
             for source in sources:
                 fd = open_locked(source, "source")

@@ -95,6 +95,11 @@ ROWS: list[tuple[str, list[Row]]] = [
          "us", ""),
         ("(g) {k} MiB/s backups vs none", "g.{bs}.writer.mib_s", "g.{bs}.idle.mib_s", "MiB/s",
          ""),
+        ("(g) {k} wb: barrier p50 (goal)", "g.{bs}.wb.barrier_ms.p50", "goal", "ms", ""),
+        ("(g) {k} wb: barrier p99 (goal)", "g.{bs}.wb.barrier_ms.p99", "goal", "ms", ""),
+        ("(g) {k} wb: stall p99 (goal)", "g.{bs}.wb.stall_ms.p99", "goal", "ms", ""),
+        ("(g) {k} wb: p99 vs no wb", "g.{bs}.wb.writer.lat_us.p99", "g.{bs}.writer.lat_us.p99",
+         "us", ""),
     ]),
     ("dirty", [
         ("(h) {p} dirty vs QEMU's dirty", "h.{p}.cowfs.dirty_mib",

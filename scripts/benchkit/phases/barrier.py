@@ -29,13 +29,31 @@ BARRIER_LEAD_S = 0.5
 
 def barrier(b: Bench, rep: int, bs: int) -> dict[str, Any]:
     """(g) at one block size: the jobs under the writer's passes, then the same passes
-    with no job."""
+    with no job; then the jobs again on a `--writeback-cache` mount ("wb"), whose
+    barrier also fences the kernel's cache of the writer's buffered writes."""
     log(f"{b.rep_name(rep)} (g) bs={bs}: {b.a.barriers} backup --sync none + cancel, writer")
     wl = qb.Workload(b.a.size, bs, BARRIER_PASS, "random", b.a.seed + 1000)
+    out = under_barriers(b, bs, wl)
+    src = b.fresh("barrier_idle.raw")
+    try:
+        with ServingMount(src, b.mnt) as m:
+            passes = out["writer"]["passes"]
+            out["idle"] = run_writer(m.live, wl, b.wd, f"g0_{bs}", passes)
+            out["idle_unmount_ok"] = m.end("unmount") == 0
+    finally:
+        b.rm(src)
+    log(f"{b.rep_name(rep)} (g) bs={bs}: the same on a --writeback-cache mount")
+    out["wb"] = under_barriers(b, bs, wl, "--writeback-cache")
+    return out
+
+
+def under_barriers(b: Bench, bs: int, wl: Any, *mount: str) -> dict[str, Any]:
+    """The jobs started and cancelled under the writer's passes, with what each barrier
+    held and what the writer felt."""
     src = b.fresh("barrier_src.raw")
     out: dict[str, Any] = {}
     try:
-        with ServingMount(src, b.mnt) as m:
+        with ServingMount(src, b.mnt, *mount) as m:
             with Writer(m.live, wl, b.wd, f"g_{bs}", passes=0) as w:
                 w.go()
                 cmds = start_and_cancel(b, m, w)
@@ -59,14 +77,6 @@ def barrier(b: Bench, rep: int, bs: int) -> dict[str, Any]:
     )
     for key in ("barrier_ms", "stall_ms", "cmd_ms"):
         out[key] = percentiles([c[key] for c in cmds if c[key] is not None])
-    src = b.fresh("barrier_idle.raw")
-    try:
-        with ServingMount(src, b.mnt) as m:
-            passes = out["writer"]["passes"]
-            out["idle"] = run_writer(m.live, wl, b.wd, f"g0_{bs}", passes)
-            out["idle_unmount_ok"] = m.end("unmount") == 0
-    finally:
-        b.rm(src)
     return out
 
 
