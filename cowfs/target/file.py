@@ -12,13 +12,18 @@ from bitarray import bitarray
 
 from ..record import Record, record_path, write_record
 from ..sums import Checksums, sums_path
+from .writeback import WritebackPacer
 
 
 class FileTarget:
-    path: Path
     checksummed = True
     """Its checksum file is how verify and restore check it."""
     closed_before_record = True
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.writeback = WritebackPacer(fd)
 
     @property
     def name(self) -> str:
@@ -33,7 +38,9 @@ class FileTarget:
         """At the point in time; a file needs no notice."""
 
     def admit(self, length: int) -> None:
-        """Blocking, the copier's: a file takes any amount at once."""
+        """Blocking, the copier's, before each run it copies: a file takes any amount at
+        once; what the copier wrote so far goes on its way to the disk (writeback.py)."""
+        self.writeback.copied(length)
 
     def fsync(self) -> None: ...
 

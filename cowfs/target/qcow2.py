@@ -146,8 +146,7 @@ class Qcow2Target(FileTarget):
         compress: bool,
     ) -> None:
         """In-memory layout of an empty image; `create` is the public way to get one."""
-        self.path = path
-        self.fd = fd
+        super().__init__(path, fd)
         self.size = size
         self.cluster_size = cluster_size
         self.backing = backing

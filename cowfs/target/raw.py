@@ -21,10 +21,6 @@ class RawTarget(FileTarget):
     format = "raw"
     backing: Path | None = None  # raw files have no backing file
 
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self.fd = fd
-
     @classmethod
     def create(cls, path: Path, size: int) -> "RawTarget":
         """Create a new sparse file; fails if `path` exists (callers pick a fresh name)."""

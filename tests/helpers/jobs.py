@@ -38,7 +38,7 @@ class RecordingTarget(FileTarget):
     ) -> None:
         self.raw = raw
         self.gate = gate
-        self.path = raw.path
+        super().__init__(raw.path, raw.fd)
         self.cluster_size = cluster_size
         self.thread_delay = thread_delay
         self.job: Job | None = None

@@ -1,0 +1,51 @@
+"""Writeback pacing: the copier has the kernel write a file target back as it goes.
+
+Why: the copier fills the page cache with the target far faster than a disk takes it,
+and the kernel starts writing back only past its dirty threshold (a tenth of RAM), so a
+job's final fsync used to wait for the whole image at once: 0.6 s of a 1.9 s full backup
+of 1 GiB here, time in which neither the copier nor the disk overlapped the other.
+Starting writeback every few MiB keeps the disk busy while the copier works, leaves the
+final fsync little to do, and keeps a huge backup from filling memory with dirty pages.
+Only starts writeback (SYNC_FILE_RANGE_WRITE, no waiting): whether the writes reached
+the disk is for the final fsync to say, as before.
+"""
+
+import ctypes
+import logging
+import os
+import threading
+
+log = logging.getLogger(__name__)
+
+EVERY = 16 << 20
+"""Start writeback after this many bytes copied: enough to batch the disk's work, little
+enough that the final fsync waits for tens of milliseconds, not the image."""
+
+SYNC_FILE_RANGE_WRITE = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+class WritebackPacer:
+    """Counts what the copier writes into one file; thread-safe (both copier workers)."""
+
+    def __init__(self, fd: int, every: int = EVERY) -> None:
+        self._fd = fd
+        self._every = every
+        self._pending = 0
+        self._enabled = True
+        self._lock = threading.Lock()
+
+    def copied(self, length: int) -> None:
+        """Blocking, the copier's: count `length` bytes and, every `every` bytes, start
+        writing back all the file's dirty pages (those already on their way are skipped)."""
+        with self._lock:
+            self._pending += length
+            if not self._enabled or self._pending < self._every:
+                return
+            self._pending = 0
+        if _libc.sync_file_range(self._fd, 0, 0, SYNC_FILE_RANGE_WRITE):
+            reason = os.strerror(ctypes.get_errno())
+            self._enabled = False  # a file system without it: the kernel's own pace, as before
+            log.warning("writeback of the target left to the kernel: sync_file_range: %s", reason)
