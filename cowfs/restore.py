@@ -309,7 +309,6 @@ class Restore:
             length = min(count * self.cluster_size, self.size - offset)
             try:
                 data = self.chain.read(offset, length)
-                self.out.admit(length)  # DEST goes to disk as it fills (target/writeback.py)
                 write_nonzero(self.out, data, offset, length, self.cluster_size)
             except (OSError, CorruptCluster) as e:
                 return i, total, e
