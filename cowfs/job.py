@@ -284,6 +284,7 @@ class Job:
         if self.state in (JobState.RUNNING, JobState.PAUSED):
             self.state = JobState.COMPLETING
             self._resumed.set()
+            self.target.guest_gone()
 
     async def flush(self) -> bool:
         """Once the copier is through: check that every selected cluster is in the target

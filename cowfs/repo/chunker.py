@@ -169,6 +169,9 @@ class RepoTarget:
 
     # -- clusters in -------------------------------------------------------------------
 
+    def guest_gone(self) -> None:
+        """The live file is gone: uploads already take whatever CPU is free."""
+
     def admit(self, length: int) -> None:
         """Blocking, the copier's: wait while the spool is over half full and uploads
         are under way, so that copy-before-write finds room. With none under way only

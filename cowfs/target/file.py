@@ -39,8 +39,13 @@ class FileTarget:
 
     def admit(self, length: int) -> None:
         """Blocking, the copier's, before each run it copies: a file takes any amount at
-        once; what the copier wrote so far goes on its way to the disk (writeback.py)."""
+        once; once the guest is gone, what the copier wrote goes on to the disk."""
         self.writeback.copied(length)
+
+    def guest_gone(self) -> None:
+        """The live file is gone: the copier need not spare the guest's CPU any longer
+        (writeback.py)."""
+        self.writeback.start()
 
     def fsync(self) -> None: ...
 
