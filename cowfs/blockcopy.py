@@ -9,7 +9,7 @@ raises OSError after giving its claims back, and the job decides what it means.
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from bitarray import bitarray
@@ -19,6 +19,8 @@ from .ratelimit import RateLimiter
 from .sums import Checksums, Recording, Writer
 from .target import Target
 from .transfer import copy_range
+
+T = TypeVar("T")
 
 BATCH_BYTES = 1 << 20
 """Largest single copy: big enough to amortise a thread hop, small enough that a guest
@@ -52,6 +54,9 @@ class BlockCopy:
         """Bytes that reached the target (all-zero clusters are skipped)."""
         self._cbw_buf = bytearray(self.batch_bytes)
         self._io_limiter = trio.CapacityLimiter(2)
+        self._threads = 0
+        self._quiet = trio.Event()
+        self._quiet.set()
 
     def reset(self, size: int, done: bitarray) -> None:
         """At the point in time: `done` holds the clusters that need no copy."""
@@ -144,7 +149,7 @@ class BlockCopy:
         the largest); returns bytes read. A run that fails ends the batch: the runs
         before it are done, it and the rest are given back, and its error raised."""
         try:
-            copied, written, error = await trio.to_thread.run_sync(
+            copied, written, error = await self._in_thread(
                 self._copy_runs, runs, buf, limiter=self._io_limiter
             )
         except BaseException:
@@ -187,7 +192,7 @@ class BlockCopy:
     async def _copy_in_thread(
         self, offset: int, length: int, buf: bytearray, **to_thread: Any
     ) -> int:
-        return await trio.to_thread.run_sync(
+        return await self._in_thread(
             copy_range,
             self.source_fd,
             self.writer,
@@ -197,3 +202,22 @@ class BlockCopy:
             buf,
             **to_thread,
         )
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any, **to_thread: Any) -> T:
+        """Every worker thread that writes the target runs through here, so that `quiet`
+        knows when the last has returned."""
+        if not self._threads:
+            self._quiet = trio.Event()
+        self._threads += 1
+        try:
+            return await trio.to_thread.run_sync(fn, *args, **to_thread)
+        finally:
+            self._threads -= 1
+            if not self._threads:
+                self._quiet.set()
+
+    async def quiet(self) -> None:
+        """Return once no worker thread of this copy writes the target (a copy given up
+        on with `abandon_on_cancel` counts as returned: --cbw-timeout leaves its target
+        open for that reason)."""
+        await self._quiet.wait()

@@ -36,6 +36,9 @@ class Group:
         self.on_end = on_end
         self.ended = trio.Event()
         self._flushed: set[Job] = set()
+        self._settled = {job: trio.Event() for job in jobs}
+        """Per job: its copier, zero-filling and flush have returned, so none of their
+        worker threads uses the target any more."""
         for job in jobs:
             job.group = group_id
             job.peers = [peer.target.name for peer in jobs if peer is not job]
@@ -54,6 +57,12 @@ class Group:
             self.ended.set()
 
     async def _run(self, job: Job, unmounted: trio.Event) -> None:
+        try:
+            await self._copy_and_flush(job, unmounted)
+        finally:
+            self._settled[job].set()
+
+    async def _copy_and_flush(self, job: Job, unmounted: trio.Event) -> None:
         await copy_in_background(job)
         if job.options.sync is SyncMode.NONE or job.options.view:  # until ended or unmounted
             await _first(unmounted, job.ended, job.end_requested)
@@ -73,6 +82,11 @@ class Group:
             for peer in self.jobs:
                 if peer is not job:
                     peer.cancel(f"its peer {job.target.name} {job.state}")
+        # A job ends (fails, is cancelled) while its threads may still be copying: the
+        # target is closed and the record written only once they have returned, or a
+        # late write of theirs could land in whatever file reuses the target's fd.
+        await self._settled[job].wait()
+        await job.copy.quiet()
         await self.on_end(job)
 
 

@@ -23,6 +23,7 @@ from helpers.sizes import KiB, MiB
 
 import cowfs.blockcopy
 from cowfs.copier import copy_in_background
+from cowfs.group import Completion, Group
 from cowfs.job import Job, JobOptions, JobState, SyncMode
 from cowfs.target import RawTarget
 
@@ -478,5 +479,58 @@ async def test_cancel_stops_copier_and_cbw(tmp_path: Path) -> None:
         assert job.state is JobState.CANCELLED
         assert job.errors == ["cancelled: by the test"]
         assert job.status().bytes_done < job.status().bytes_total
+    finally:
+        close_job(job)
+
+
+class CountingTarget(RecordingTarget):
+    """Counts the writes that have returned, beside the calls that began."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.returned = 0
+
+    def write(self, offset: int, data: memoryview) -> None:
+        super().write(offset, data)
+        with self.lock:
+            self.returned += 1
+
+
+@pytest.mark.parametrize("writer", ["copier", "copy-before-write"])
+async def test_job_ends_only_once_its_threads_stopped_writing(tmp_path: Path, writer: str) -> None:
+    """A job cancelled while a worker thread is in the middle of writing its target: the
+    end (which closes the target and writes the record, often on the fd number the
+    close frees) waits for that thread, or a late write could land in the record."""
+    source = random_full_source(tmp_path, 8 * MiB)
+    gate = threading.Event()  # holds the worker threads' writes
+    sync = SyncMode.FULL if writer == "copier" else SyncMode.NONE
+    job, target = make_job(tmp_path, source, sync, CS, target_cls=CountingTarget, gate=gate)
+    job.copy.inline = False  # as for a cold cluster: copy-before-write copies in a thread
+    at_end: list[tuple[int, int]] = []
+
+    async def on_end(ended: Job) -> None:
+        with target.lock:
+            began = sum(1 for kind, _, _ in target.calls if kind == "write")
+            at_end.append((began, target.returned))
+
+    group = Group(1, [job], Completion.GROUPED, on_end)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                job.start()
+                nursery.start_soon(group.run, trio.Event())
+                if writer == "copy-before-write":
+                    nursery.start_soon(job.copy_before_write, 3 * CS, 1)
+                try:
+                    await poll(lambda: bool(target.calls))  # a thread waits at the gate
+                    job.cancel("by the test")
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert at_end == []  # the job's end waits for the thread
+                finally:
+                    gate.set()
+        assert job.state is JobState.CANCELLED
+        assert len(at_end) == 1
+        began, returned = at_end[0]
+        assert began == returned > 0  # every write had returned when the job ended
     finally:
         close_job(job)
