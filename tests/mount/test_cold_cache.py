@@ -14,17 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import files_equal, make_image
+from helpers.pagecache import evict
 
 CLUSTER = 64 << 10
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def cached(path: Path, offset: int, length: int) -> bool:

@@ -7,16 +7,14 @@ spared by waiting. Seen per file with cachestat(2): while the copier goes on aft
 unmount, the target's dirty pages stay within one writeback step.
 """
 
-import ctypes
-import errno
 import os
-import platform
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import files_equal, make_image
 from helpers.mounting import COWFS, CowfsRunner, wait_for, wait_until
+from helpers.pagecache import cachestat
 from helpers.qemu import assert_identical, check_clean
 
 from cowfs.control import read_status
@@ -27,35 +25,10 @@ MiB = 1 << 20
 SIZE = 192 * MiB
 BOUND = EVERY + 4 * MiB
 """Writeback was started at most EVERY bytes ago, and a batch may be on its way."""
-NR_CACHESTAT = 451  # x86_64 and the generic table alike
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class CacheStat(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
-    ]
-
-
-class CacheStatRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
 
 
 def dirty_bytes(path: Path) -> int:
-    """The bytes of `path` dirty in the page cache (cachestat, Linux 6.5 and newer)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        cs, whole = CacheStat(), CacheStatRange(0, 0)
-        if _libc.syscall(NR_CACHESTAT, fd, ctypes.byref(whole), ctypes.byref(cs), 0):
-            err = ctypes.get_errno()
-            if err == errno.ENOSYS:
-                pytest.skip(f"no cachestat(2) in kernel {platform.release()}")
-            raise OSError(err, f"cachestat of {path}: {os.strerror(err)}")
-        return cs.nr_dirty * os.sysconf("SC_PAGE_SIZE")
-    finally:
-        os.close(fd)
+    return cachestat(path).nr_dirty * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
