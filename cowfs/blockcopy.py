@@ -149,7 +149,7 @@ class BlockCopy:
         the largest); returns bytes read. A run that fails ends the batch: the runs
         before it are done, it and the rest are given back, and its error raised."""
         try:
-            copied, written, error = await self._in_thread(
+            copied, written, error = await self.in_thread(
                 self._copy_runs, runs, buf, limiter=self._io_limiter
             )
         except BaseException:
@@ -192,7 +192,7 @@ class BlockCopy:
     async def _copy_in_thread(
         self, offset: int, length: int, buf: bytearray, **to_thread: Any
     ) -> int:
-        return await self._in_thread(
+        return await self.in_thread(
             copy_range,
             self.source_fd,
             self.writer,
@@ -203,9 +203,9 @@ class BlockCopy:
             **to_thread,
         )
 
-    async def _in_thread(self, fn: Callable[..., T], *args: Any, **to_thread: Any) -> T:
-        """Every worker thread that writes the target runs through here, so that `quiet`
-        knows when the last has returned."""
+    async def in_thread(self, fn: Callable[..., T], *args: Any, **to_thread: Any) -> T:
+        """Every worker thread that uses the target (copies, a view's reads and frees)
+        runs through here, so that `quiet` knows when the last has returned."""
         if not self._threads:
             self._quiet = trio.Event()
         self._threads += 1

@@ -253,7 +253,7 @@ class Registry:
         if offset < 0 or length <= 0 or offset >= job.size:
             raise CowfsError(f"bad range {offset}+{length} for a view of {job.size} bytes")
         released = job.release(offset, length)
-        return released, await trio.to_thread.run_sync(view.free)
+        return released, await job.copy.in_thread(view.free)
 
     def unmount_refusal(self) -> str | None:
         """Why the mount may not go now, or None."""

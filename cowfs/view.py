@@ -18,7 +18,6 @@ import errno
 import json
 import os
 
-import trio
 from bitarray import bitarray
 from bitarray.util import zeros
 
@@ -105,7 +104,7 @@ class View:
         try:
             _check(job)
             done = copy.done[first : last + 1]
-            data = await trio.to_thread.run_sync(_read_clusters, job, self._fd, first, done)
+            data = await copy.in_thread(_read_clusters, job, self._fd, first, done)
         finally:
             for cluster in claimed:
                 copy.claims.release(cluster, 1)
