@@ -2,8 +2,16 @@
 
 import json
 import os
+import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from helpers.mounting import TIMEOUT
+
+SIZE_ANSWER = re.compile(r"(qemu-io> )?[0-9.]+ (bytes|[KMGTPE]iB)")
+"""qemu-io's answer to `length` (anything else is its error opening the image)."""
 
 
 def qemu_img(*args: str | os.PathLike) -> subprocess.CompletedProcess:
@@ -31,3 +39,27 @@ def check_clean(image: Path) -> dict:
 def assert_identical(image: Path, expected: Path) -> None:
     result = qemu_img("compare", "-f", "qcow2", "-F", "raw", image, expected)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@contextmanager
+def qemu_io_holding(path: Path, *options: str, fmt: str = "raw") -> Iterator[str]:
+    """An interactive qemu-io with `path` open (and QEMU's locks on it taken); yields its
+    answer to `length` once it has given one. Ready only then: polling for its lock with
+    another QEMU tool instead can make qemu-io's own open fail on that tool's lock."""
+    proc = subprocess.Popen(
+        ["qemu-io", "-f", fmt, *options, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("length\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline().strip()
+        assert SIZE_ANSWER.fullmatch(answer), f"qemu-io did not open {path}: {answer}"
+        yield answer
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers.mounting import TIMEOUT, run_cowfs, wait_until
+from helpers.qemu import qemu_io_holding
 
 from cowfs.errors import CowfsError
 from cowfs.imagelock import Role, lock_image
@@ -54,28 +55,6 @@ def locked(path: Path, role: Role) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
-
-
-@contextmanager
-def qemu_io_holding(path: Path, *options: str) -> Iterator[subprocess.Popen]:
-    """An interactive qemu-io with `path` open; ready once it has answered a command."""
-    proc = subprocess.Popen(
-        ["qemu-io", "-f", "raw", *options, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("length\n")
-        proc.stdin.flush()
-        answer = proc.stdout.readline()
-        assert "1 MiB" in answer, answer
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait(TIMEOUT)
 
 
 @contextmanager

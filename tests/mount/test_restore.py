@@ -39,7 +39,7 @@ import pytest
 from conftest import files_equal, make_image
 from helpers.mounting import COWFS, TIMEOUT, CowfsRunner, Mounted, pid_gone, run_cowfs, wait_until
 from helpers.mounts import assert_one_error_line, info, record, refused_mount
-from helpers.qemu import assert_identical, check_clean, qemu_img, qemu_json
+from helpers.qemu import assert_identical, check_clean, qemu_img, qemu_io_holding, qemu_json
 from helpers.sizes import KiB, MiB
 from helpers.views import Writers, allocated
 
@@ -628,14 +628,8 @@ def test_a_merge_that_fails_leaves_the_backing_file_untrusted(chain: Chain, tmp_
     """qemu-img commit refused (the top is busy: QEMU's lock held by qemu-io): the
     backing file's record no longer says complete, so nothing trusts mixed content."""
     _, inc1, inc2 = chain.copy(tmp_path / "chain")
-    holder = subprocess.Popen(
-        ["qemu-io", "-f", "qcow2", str(inc2)], stdin=subprocess.PIPE, text=True
-    )
-    try:
-        wait_until(lambda: qemu_img("info", inc2).returncode != 0, what="qemu-io holds inc2")
+    with qemu_io_holding(inc2, fmt="qcow2"):
         result = run_cowfs("commit", inc2)
-    finally:
-        holder.communicate("quit\n", timeout=TIMEOUT)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "qemu-img commit failed" in result.stderr
     assert record(inc1)["status"] == "running"
