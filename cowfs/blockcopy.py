@@ -8,6 +8,7 @@ raises OSError after giving its claims back, and the job decides what it means.
 """
 
 import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -55,8 +56,10 @@ class BlockCopy:
         self._cbw_buf = bytearray(self.batch_bytes)
         self._io_limiter = trio.CapacityLimiter(2)
         self._threads = 0
+        """Worker threads using the target that have not returned."""
         self._quiet = trio.Event()
         self._quiet.set()
+        self._when_quiet: list[Callable[[], object]] = []
 
     def reset(self, size: int, done: bitarray) -> None:
         """At the point in time: `done` holds the clusters that need no copy."""
@@ -205,19 +208,55 @@ class BlockCopy:
 
     async def in_thread(self, fn: Callable[..., T], *args: Any, **to_thread: Any) -> T:
         """Every worker thread that uses the target (copies, a view's reads and frees)
-        runs through here, so that `quiet` knows when the last has returned."""
+        runs through here, so that `quiet` and `when_quiet` know when the last has
+        returned: the thread itself says so, even one its caller gave up on
+        (`abandon_on_cancel`, --cbw-timeout), which may still be writing. A call
+        cancelled before its thread began (waiting for the limiter, or given up on
+        before the thread was scheduled) never runs `fn`."""
+        token = trio.lowlevel.current_trio_token()
+        lock = threading.Lock()
+        state = ["waiting"]  # -> "running" in the thread, or "dropped" by the caller
+
+        def run() -> T:
+            with lock:
+                if state[0] == "dropped":
+                    raise RuntimeError("given up on before its thread began")  # unread
+                state[0] = "running"
+            try:
+                return fn(*args)
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):  # the daemon is exiting:
+                    token.run_sync_soon(self._returned)  # nobody is left to wait
+
         if not self._threads:
             self._quiet = trio.Event()
         self._threads += 1
         try:
-            return await trio.to_thread.run_sync(fn, *args, **to_thread)
-        finally:
-            self._threads -= 1
-            if not self._threads:
-                self._quiet.set()
+            return await trio.to_thread.run_sync(run, **to_thread)
+        except BaseException:
+            with lock:
+                dropped = state[0] == "waiting"
+                state[0] = "dropped" if dropped else state[0]
+            if dropped:
+                self._returned()
+            raise
+
+    def _returned(self) -> None:
+        self._threads -= 1
+        if not self._threads:
+            self._quiet.set()
+            actions, self._when_quiet = self._when_quiet, []
+            for action in actions:
+                action()
 
     async def quiet(self) -> None:
-        """Return once no worker thread of this copy writes the target (a copy given up
-        on with `abandon_on_cancel` counts as returned: --cbw-timeout leaves its target
-        open for that reason)."""
+        """Return once no worker thread of this copy uses the target."""
         await self._quiet.wait()
+
+    def when_quiet(self, action: Callable[[], object]) -> None:
+        """Call `action` in the loop once no worker thread uses the target: now, or when
+        the last returns (never, if one hangs for good: then the daemon's exit ends it)."""
+        if self._threads:
+            self._when_quiet.append(action)
+        else:
+            action()

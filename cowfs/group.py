@@ -84,9 +84,12 @@ class Group:
                     peer.cancel(f"its peer {job.target.name} {job.state}")
         # A job ends (fails, is cancelled) while its threads may still be copying: the
         # target is closed and the record written only once they have returned, or a
-        # late write of theirs could land in whatever file reuses the target's fd.
+        # late write of theirs could land in whatever file reuses the target's fd. A
+        # copy-before-write given up on (--cbw-timeout) may hang for good: not waited
+        # for; the target is closed when it returns (Registry._job_ended).
         await self._settled[job].wait()
-        await job.copy.quiet()
+        if not job.options.cbw_timeout:
+            await job.copy.quiet()
         await self.on_end(job)
 
 

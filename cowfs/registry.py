@@ -287,7 +287,16 @@ class Registry:
             disk.dirty.end_job(job.options.bitmap, backup.anchor(job) if complete else None)
             await disk.tracker.save()
         log.info("backup %s: %s", job.state, job.target.name)
-        if closing and not job.target.closed_before_record:
+        if closing:
+            await self._let_go(job, close=not job.target.closed_before_record)
+        else:  # once that copy's thread has returned: no task waits for one that hangs
+            spawn = trio.lowlevel.spawn_system_task
+            job.copy.when_quiet(lambda: spawn(self._let_go, job, True))
+
+    async def _let_go(self, job: Job, close: bool) -> None:
+        """Nothing writes the target any more: close it (unless `close` is False: closed
+        already) and release its claim, so that another job may take it."""
+        if close:
             await _close_target(job)
         claim = self._claims.pop(job, None)
         if claim is not None:

@@ -255,6 +255,29 @@ def test_cbw_timeout_breaks_the_snapshot_instead_of_stalling(
     assert m.finish().returncode == 1
 
 
+def open_files(pid: int) -> set[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    return {os.readlink(fd) for fd in fds.iterdir() if fd.exists()}
+
+
+def test_a_target_given_up_on_is_closed_once_its_copy_returns(
+    cowfs: CowfsRunner, faulty: FaultyFS, local_source: Path
+) -> None:
+    """--cbw-timeout gives up on a copy to a hung target, not on its thread: the job's
+    end leaves the target open while that thread may still write into it (closing it
+    could hand its fd number to another file), and closes it once the thread returns.
+    A mount that lives as long as the VM must not keep one file open per such job."""
+    faulty.fail("target.img", "write", offset=LAST, length=CLUSTER, errno=0, delay=3)
+    target = str(faulty.path("target.img"))
+    m = cowfs.mount(local_source, target, "--speed", PACED, "--cbw-timeout", "0.2")
+    write_live(m, b"t" * 4096, LAST)
+    assert status(m)["state"] == "failed"
+    assert target in open_files(m.pid)  # the copy given up on still writes
+    wait_until(lambda: target not in open_files(m.pid), what="the target closed")
+    assert m.finish().returncode == 1
+    assert info(Path(target)) == (1, "failed")
+
+
 # -- pause, resume, set-speed -----------------------------------------------------------------
 
 
