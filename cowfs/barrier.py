@@ -27,7 +27,6 @@ Guests wait only as long as that and the writes in flight take. The gate's hot
 path costs two integer updates and no checkpoint.
 """
 
-import ctypes
 import errno
 import os
 import threading
@@ -39,8 +38,7 @@ from pathlib import Path
 import trio
 
 from .errors import CowfsError
-
-_libc = ctypes.CDLL(None, use_errno=True)
+from .libc import check, libc
 
 FENCE_ATTEMPTS = 3
 """fsyncs of one image before the fence gives up: a failed writeback (a guest write that
@@ -174,8 +172,6 @@ def _flush_kernel_cache(mountpoint: Path) -> None:
     loop (the gate is open) while this thread waits."""
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _libc.syncfs(fd):
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs of {mountpoint}: {os.strerror(err)}")
+        check(libc.syncfs(fd), f"syncfs of {mountpoint}")
     finally:
         os.close(fd)

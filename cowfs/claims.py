@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from .errors import CowfsError
+from .libc import libc
 
 RUN_DIR_MODE = 0o700
 
@@ -120,7 +121,6 @@ def _same_file(fd: int, path: Path) -> bool:
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
-_libc = ctypes.CDLL(None, use_errno=True)
 _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP)
 
 
@@ -130,7 +130,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     Filesystems without RENAME_NOREPLACE get link + unlink, which fails the same way;
     those without hard links either (some FUSE filesystems) a check, then a rename:
     racy against other programs, never against another cowfs, which the claim keeps out."""
-    if not _libc.renameat2(
+    if not libc.renameat2(
         _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE
     ):
         return

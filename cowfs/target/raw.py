@@ -4,10 +4,10 @@ A fresh raw target reads as zeros everywhere, so zero clusters need no write
 and the file stays sparse. Owns only the file; never decides what to copy.
 """
 
-import ctypes
 import os
 from pathlib import Path
 
+from ..libc import check, libc
 from .file import FileTarget
 
 WRITE_PIECE = 128 << 10
@@ -65,7 +65,6 @@ def read_exactly(fd: int, offset: int, length: int) -> bytes:
     return data + bytes(length - len(data))
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 
@@ -73,6 +72,4 @@ FALLOC_FL_PUNCH_HOLE = 2
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Free the blocks of [offset, offset+length): it reads as zeros, the size stays."""
     mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)):
-        err = ctypes.get_errno()
-        raise OSError(err, f"punching a hole at {offset}: {os.strerror(err)}")
+    check(libc.fallocate(fd, mode, offset, length), f"punching a hole at {offset}")

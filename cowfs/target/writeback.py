@@ -13,10 +13,10 @@ the dirty pages in bounds as before. Only starts writeback (SYNC_FILE_RANGE_WRIT
 waiting): whether the writes reached the disk is for the final fsync to say, as before.
 """
 
-import ctypes
 import logging
-import os
 import threading
+
+from ..libc import check, libc
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,6 @@ EVERY = 16 << 20
 enough that the final fsync waits for tens of milliseconds, not the image."""
 
 SYNC_FILE_RANGE_WRITE = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
 class WritebackPacer:
@@ -53,7 +50,8 @@ class WritebackPacer:
             if not self._enabled or self._pending < self._every:
                 return
             self._pending = 0
-        if _libc.sync_file_range(self._fd, 0, 0, SYNC_FILE_RANGE_WRITE):
-            reason = os.strerror(ctypes.get_errno())
+        try:
+            check(libc.sync_file_range(self._fd, 0, 0, SYNC_FILE_RANGE_WRITE), "sync_file_range")
+        except OSError as e:
             self._enabled = False  # a file system without it: the kernel's own pace, as before
-            log.warning("writeback of the target left to the kernel: sync_file_range: %s", reason)
+            log.warning("writeback of the target left to the kernel: %s", e.strerror)
