@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -29,6 +30,9 @@ from helpers.mounting import (  # noqa: E402 (after the rewrite is registered)
     wait_until,
 )
 from helpers.radosgw_fixture import radosgw  # noqa: E402, F401 (one radosgw for the session)
+
+if TYPE_CHECKING:
+    from helpers.live_restore import LiveRestores
 
 
 def make_image(path: Path, size: int, seed: int, holes: bool = True) -> Path:
@@ -73,6 +77,18 @@ def cowfs(tmp_path: Path) -> Iterator[CowfsRunner]:
         yield runner
     finally:
         runner.teardown()
+
+
+@pytest.fixture
+def restores(cowfs: CowfsRunner) -> Iterator["LiveRestores"]:
+    """The test's live restores; torn down before the source mounts (`cowfs`)."""
+    from helpers.live_restore import LiveRestores  # it imports this module
+
+    started = LiveRestores()
+    try:
+        yield started
+    finally:
+        started.teardown()
 
 
 @pytest.fixture(autouse=True, scope="session")

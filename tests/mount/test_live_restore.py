@@ -82,16 +82,6 @@ STATUS_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture
-def restores(cowfs: CowfsRunner) -> Iterator[LiveRestores]:
-    """The test's live restores; torn down before the source mounts (`cowfs`)."""
-    started = LiveRestores()
-    try:
-        yield started
-    finally:
-        started.teardown()
-
-
 def clusters_of(offset: int, length: int) -> range:
     return range(offset // CLUSTER, (offset + max(1, length) - 1) // CLUSTER + 1)
 

@@ -310,15 +310,6 @@ def assert_live_restores(repo: Repo, snap: Snap, restores: LiveRestores, tmp_pat
     assert files_equal(dest, snap.pit), f"DEST of the live restore of {snap.name} differs"
 
 
-@pytest.fixture
-def restores(cowfs: CowfsRunner) -> Iterator[LiveRestores]:
-    started = LiveRestores()
-    try:
-        yield started
-    finally:
-        started.teardown()
-
-
 # -- 1. a full and three incrementals under writers -------------------------------------------
 
 
