@@ -57,8 +57,6 @@ class BlockCopy:
         self._io_limiter = trio.CapacityLimiter(2)
         self._threads = 0
         """Worker threads using the target that have not returned."""
-        self._quiet = trio.Event()
-        self._quiet.set()
         self._when_quiet: list[Callable[[], object]] = []
 
     def reset(self, size: int, done: bitarray) -> None:
@@ -228,8 +226,6 @@ class BlockCopy:
                 with contextlib.suppress(trio.RunFinishedError):  # the daemon is exiting:
                     token.run_sync_soon(self._returned)  # nobody is left to wait
 
-        if not self._threads:
-            self._quiet = trio.Event()
         self._threads += 1
         try:
             return await trio.to_thread.run_sync(run, **to_thread)
@@ -244,14 +240,15 @@ class BlockCopy:
     def _returned(self) -> None:
         self._threads -= 1
         if not self._threads:
-            self._quiet.set()
             actions, self._when_quiet = self._when_quiet, []
             for action in actions:
                 action()
 
     async def quiet(self) -> None:
         """Return once no worker thread of this copy uses the target."""
-        await self._quiet.wait()
+        quiet = trio.Event()
+        self.when_quiet(quiet.set)
+        await quiet.wait()
 
     def when_quiet(self, action: Callable[[], object]) -> None:
         """Call `action` in the loop once no worker thread uses the target: now, or when
